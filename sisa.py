@@ -1,0 +1,512 @@
+"""
+nanoSISA: SSM-Informed Softmax Attention in one file.
+
+Paper: Shin and Yang, "Forget Attention: Importance-Aware Attention Is All You
+Need", arXiv 2606.02332. SISA adds an importance term, read out of a state space
+model (Mamba-3's complex SSM written as rotations), to every attention score:
+
+    score_ij = q_i . k_j / sqrt(d_h) + lambda * Cbar_i . Bbar_j          (j <= i)
+
+    Cbar_i = exp(g_i - c) R(Phi_i) C_i      g_t   = sum_{k<=t} log alpha_k
+    Bbar_j = exp(c - g_j) R(Phi_j) B_j      Phi_t = sum_{k<=t} theta_k
+
+so Cbar_i . Bbar_j = exp(g_i - g_j) (R(Phi_i) C_i) . (R(Phi_j) B_j): key j's state
+has decayed by alpha and turned by theta at every step since j. Appending the
+SSM channels to the query and key makes the whole score one stock
+scaled_dot_product_attention call, with no recurrent state and no custom kernel.
+
+Read top to bottom: rotations, the naive scan (the ground truth), the vectorized
+importance, SISA attention as one SDPA call, then the GPT around it.
+
+Glossary of dimensions:
+    b   batch size
+    h   number of heads                      (n_head, H in the paper)
+    l   sequence length                      (L)
+    d   model width                          (n_embd)
+    d_h head width, d // h                   (q, k, v)
+    d_s SSM channel width, even              (d_state; B, C; theta has d_s // 2)
+    V   vocabulary size
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+# -----------------------------------------------------------------------------
+# Rotations. One function serves both RoPE and the SSM's rotation R(Phi).
+
+def rotate(x, angle):
+    """Rotate consecutive pairs (x[2m], x[2m+1]) counterclockwise by angle[m].
+
+    R(angle) x = (x[2m] cos - x[2m+1] sin, x[2m] sin + x[2m+1] cos).
+    Args:
+        x: (..., n) with n even
+        angle: (..., n // 2), broadcastable against x's pairs
+    Returns:
+        (..., n)
+    """
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., n/2) each
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+def rope_angles(positions, head_dim, base=10000.0):
+    """RoPE angles (l, head_dim // 2): position p turns pair m by p * base^(-2m / head_dim)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    return positions.float()[:, None] * inv_freq[None, :]
+
+
+# -----------------------------------------------------------------------------
+# The importance term, twice: a naive scan to read and test against, and the
+# vectorized form that feeds the attention kernel.
+
+def importance_naive(C, B, log_alpha, theta, lam):
+    """lambda * Cbar_i . Bbar_j by the obvious loop over time (the paper's SSM, Sec. 3).
+
+    Every past key j keeps its own d_s-dimensional state. At step t each state is
+    decayed by alpha_t and turned by theta_t (clockwise: the state lives in key
+    coordinates, so turning it back by theta is what (R C_i) . (R B_j) means),
+    then B_t is written in as key t's state, and every state is read out with C_t.
+    No cumsum, no exp of a sum, no offset: it only ever multiplies by alpha <= 1,
+    so it is slow, obvious and stable. It exists to teach and to test; use
+    `importance` or `sisa_attention` for real work.
+
+    Args:
+        C, B: (b, h, l, d_s)
+        log_alpha: (b, h, l), log of the decay alpha_t in (0, 1)
+        theta: (b, h, l, d_s // 2), rotation angles
+        lam: (h,), lambda > 0
+    Returns:
+        (b, h, l, l): entry [i, j] = lambda * Cbar_i . Bbar_j for j <= i, else 0
+    """
+    b, h, l, d_s = C.shape
+    alpha = log_alpha.exp()
+    states = torch.zeros(b, h, l, d_s, dtype=C.dtype, device=C.device)  # one per key
+    out = torch.zeros(b, h, l, l, dtype=C.dtype, device=C.device)
+    for t in range(l):
+        past = states[:, :, :t]
+        past = alpha[:, :, t, None, None] * rotate(past, -theta[:, :, t, None, :])
+        states = torch.cat([past, B[:, :, t:t + 1], states[:, :, t + 1:]], dim=2)
+        read = (states[:, :, :t + 1] * C[:, :, t:t + 1]).sum(-1)  # (b, h, t+1)
+        out[:, :, t, :t + 1] = lam[None, :, None] * read
+    return out
+
+
+def max_decay_span(dtype):
+    """How many nats of cumulative decay (max g - min g) one SDPA call can hold in dtype.
+
+    With the midpoint offset c, entries of Cbar and Bbar grow up to exp(span / 2),
+    and the masked products Cbar_i . Bbar_j with j > i, which some SDPA backends
+    compute before masking, up to exp(span). Those must stay finite, with room
+    (2^10) for |C| |B| d_s lambda sqrt(d_h). The paper's fixed clamp of 11 is about
+    log(65504), fp16's range; bf16 has fp32's exponent, so it holds about 80 nats.
+    """
+    return math.log(torch.finfo(dtype).max) - 10 * math.log(2)
+
+
+def ssm_channels(C, B, log_alpha, theta):
+    """The cumulative decay and rotation (Sec. 3.2), in fp32 (fp64 stays fp64).
+
+    Returns:
+        g: (b, h, l), g_t = sum_{k<=t} log alpha_k (non-increasing)
+        RC, RB: (b, h, l, d_s), R(Phi_t) C_t and R(Phi_t) B_t
+    """
+    dtype = torch.promote_types(C.dtype, torch.float32)
+    g = torch.cumsum(log_alpha.to(dtype), dim=-1)
+    phi = torch.cumsum(theta.to(dtype), dim=-2)
+    return g, rotate(C.to(dtype), phi), rotate(B.to(dtype), phi)
+
+
+def importance(C, B, log_alpha, theta, lam):
+    """importance_naive, vectorized: cumsum, offset, rotation, one matmul.
+
+    exp(g_i - g_j) is split into exp(g_i - c) on the query side and exp(c - g_j)
+    on the key side so that it becomes a plain dot product. The offset
+    c = (max g + min g) / 2 per sequence and head centres both factors; the clamp
+    (from the working dtype, see max_decay_span) only bites when a sequence's
+    decay span exceeds what the dtype holds, and then the result is no longer
+    exact: sisa_attention chunks instead.
+    Args and Returns: as importance_naive.
+    """
+    g, RC, RB = ssm_channels(C, B, log_alpha, theta)
+    c = (g.amax(-1, keepdim=True) + g.amin(-1, keepdim=True)) / 2
+    bound = max_decay_span(g.dtype) / 2
+    gc = (g - c).clamp(-bound, bound)
+    Cbar = gc.exp()[..., None] * RC
+    Bbar = (-gc).exp()[..., None] * RB
+    A = lam.to(g.dtype)[None, :, None, None] * (Cbar @ Bbar.transpose(-2, -1))
+    return A.tril().to(C.dtype)
+
+
+# -----------------------------------------------------------------------------
+# SISA attention: the importance term folded into one SDPA call.
+
+def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
+    """softmax(q.k / sqrt(d_h) + lambda Cbar.Bbar + causal mask) v, via SDPA (Sec. 3.3).
+
+    With s = d_h^(1/4) sqrt(lambda), Qhat = [q ; s Cbar] and Khat = [k ; s Bbar]:
+    Qhat.Khat / sqrt(d_h) = q.k / sqrt(d_h) + lambda Cbar.Bbar. The scale is passed
+    explicitly because SDPA's default would be 1 / sqrt(d_h + d_s).
+
+    A sequence whose decay spans more nats than the dtype holds (max_decay_span)
+    would overflow or need the paper's clamp, which changes the scores and, as c
+    depends on the last token, breaks causality. Then the queries are split into
+    chunks that each fit, each chunk with its own offset: the cumulative decay at
+    its first query. Keys from the far past underflow to 0, which is their true
+    weight. Each chunk is one SDPA call with a lower-right causal mask.
+
+    Args:
+        q, k, v: (b, h, l, d_h), RoPE already applied to q and k
+        C, B, log_alpha, theta, lam: as importance_naive
+    Returns:
+        (b, h, l, d_h)
+    """
+    d_h = q.size(-1)
+    g, RC, RB = ssm_channels(C, B, log_alpha, theta)
+    s = d_h ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]  # (1, h, 1, 1)
+    sRC, sRB = s * RC, s * RB
+    limit = max_decay_span(q.dtype)
+
+    def channels(c, i0, i1, j1):  # Qhat for queries i0..i1-1, Khat for keys 0..j1-1
+        Cbar = (g[..., i0:i1, None] - c).exp() * sRC[..., i0:i1, :]
+        Bbar = (c - g[..., :j1, None]).exp() * sRB[..., :j1, :]
+        Qhat = torch.cat([q[..., i0:i1, :], Cbar.to(q.dtype)], dim=-1)
+        Khat = torch.cat([k[..., :j1, :], Bbar.to(k.dtype)], dim=-1)
+        return Qhat, Khat
+
+    span = g[..., 0] - g[..., -1]  # (b, h); g never increases
+    l = q.size(-2)
+    if span.max() <= limit:  # the common case: one call, the offset never bites
+        c = ((g[..., 0] + g[..., -1]) / 2)[..., None, None]
+        Qhat, Khat = channels(c, 0, l, l)
+        return F.scaled_dot_product_attention(Qhat, Khat, v, dropout_p=dropout_p,
+                                              is_causal=True, scale=1 / math.sqrt(d_h))
+    out, i0 = [], 0
+    while i0 < l:
+        # longest chunk whose decay span fits, for every sequence and head
+        chunk_span = (g[..., i0, None] - g[..., i0:]).amax(dim=(0, 1))  # (l - i0,)
+        i1 = i0 + max(1, int((chunk_span <= limit).sum()))
+        c = g[..., i0, None, None]
+        Qhat, Khat = channels(c, i0, i1, i1)
+        mask = torch.ones(i1 - i0, i1, dtype=torch.bool, device=q.device).tril(diagonal=i0)
+        out.append(F.scaled_dot_product_attention(Qhat, Khat, v[..., :i1, :], attn_mask=mask,
+                                                  dropout_p=dropout_p, scale=1 / math.sqrt(d_h)))
+        i0 = i1
+    return torch.cat(out, dim=-2)
+
+
+# -----------------------------------------------------------------------------
+# The model: a small RoPE GPT (RMSNorm, SwiGLU, tied embeddings) whose attention
+# is SISA or, with attention='softmax', the plain parameter-matched baseline.
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 50304
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    d_state: int = 16          # d_s, the SSM channel width per head (even)
+    attention: str = 'sisa'    # 'sisa' or 'softmax'
+    dropout: float = 0.0
+    bias: bool = False         # bias in Linear layers
+
+    def __post_init__(self):
+        if self.attention not in ('sisa', 'softmax'):
+            raise ValueError(f"attention must be 'sisa' or 'softmax', got {self.attention!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"n_embd // n_head ({self.n_embd // self.n_head}) must be even for RoPE")
+        if self.d_state < 2 or self.d_state % 2 != 0:
+            raise ValueError(f"d_state must be even and >= 2 (pairs are rotated), got {self.d_state}")
+
+    def ssm_widths(self):
+        """Output widths of the SSM projections per layer: B, C, a, theta (empty for softmax)."""
+        if self.attention != 'sisa':
+            return []
+        h, d_s = self.n_head, self.d_state
+        return [h * d_s, h * d_s, h, h * d_s // 2]
+
+    def ffn_hidden(self):
+        """SwiGLU width. The baseline uses 8d/3 (rounded to 8), the usual match for a 4d GELU MLP.
+        SISA gives back what its SSM projections cost, so both models have the same size:
+        2 d h d_s + d h + h + d h d_s / 2 + h per layer (W_B, W_C, w_a, b_a, W_theta, lambda)."""
+        d = self.n_embd
+        d_ff = 8 * ((8 * d // 3 + 7) // 8)
+        ssm = sum(self.ssm_widths())
+        if ssm:
+            extra = d * ssm + (ssm if self.bias else 0) + 2 * self.n_head  # + b_a, lambda_raw
+            d_ff -= round(extra / (3 * d + (2 if self.bias else 0)))  # one unit of d_ff costs 3d (+2 biases)
+        return d_ff
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight."""
+
+    def __init__(self, ndim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def softplus_inverse(y):
+    return math.log(math.expm1(y))
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.d_state = config.d_state
+        self.sisa = config.attention == 'sisa'
+        self.dropout = config.dropout
+        # one projection for q, k, v and (SISA) B, C, a, theta: one matmul instead of seven
+        self.widths = [config.n_embd] * 3 + config.ssm_widths()
+        self.c_attn = nn.Linear(config.n_embd, sum(self.widths), bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        if self.sisa:
+            # b_a = -5: alpha = exp(-softplus(-5)) ~ 0.9933, a half-life of about 100 tokens
+            self.a_bias = nn.Parameter(torch.full((config.n_head,), -5.0))
+            # lambda = softplus(lambda_raw) ~ 0.31. Kept fp32 by autocast: bf16 would round its updates away
+            self.lambda_raw = nn.Parameter(torch.full((config.n_head,), softplus_inverse(0.31)))
+        self.record_stats = False  # train.py turns this on to read SISA's diagnostics
+        self.stats = None
+
+    def reset_ssm_parameters(self):
+        """Paper's init: w_a = 0 (every token starts with the same decay), W_theta small."""
+        d, (_, _, _, wB, wC, wa, wtheta) = self.c_attn.in_features, self.widths
+        with torch.no_grad():
+            W = self.c_attn.weight  # (sum(widths), d)
+            o = 3 * d + wB + wC
+            W[o:o + wa].zero_()
+            nn.init.normal_(W[o + wa:o + wa + wtheta], std=0.01)
+
+    def forward(self, x, cache=None):
+        b, l, d = x.shape
+        h, d_h, d_s = self.n_head, self.head_dim, self.d_state
+        start = cache['len'] if cache else 0  # position of x's first token
+        q, k, v, *ssm = self.c_attn(x).split(self.widths, dim=-1)
+        q, k, v = (t.view(b, l, h, d_h).transpose(1, 2) for t in (q, k, v))  # (b, h, l, d_h)
+        angles = rope_angles(torch.arange(start, start + l, device=x.device), d_h)
+        q, k = rotate(q, angles).type_as(v), rotate(k, angles).type_as(v)
+
+        if not self.sisa:
+            if cache is not None:
+                k, v = self.update_cache(cache, k=k, v=v)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=start == 0)
+        else:
+            B, C, a, theta = ssm
+            B = B.view(b, l, h, d_s).transpose(1, 2)                    # (b, h, l, d_s)
+            C = C.view(b, l, h, d_s).transpose(1, 2)                    # (b, h, l, d_s)
+            theta = theta.view(b, l, h, d_s // 2).transpose(1, 2)      # (b, h, l, d_s/2)
+            log_alpha = -F.softplus(a.float().transpose(1, 2) + self.a_bias[:, None])  # (b, h, l)
+            lam = F.softplus(self.lambda_raw)                           # (h,)
+            if self.record_stats:
+                self.record(log_alpha, lam, q.dtype)
+            if cache is None:
+                y = sisa_attention(q, k, v, C, B, log_alpha, theta, lam,
+                                   dropout_p=self.dropout if self.training else 0.0)
+            else:
+                y = self.cached_sisa(cache, q, k, v, C, B, log_alpha, theta, lam)
+        y = y.transpose(1, 2).contiguous().view(b, l, d)
+        return self.resid_dropout(self.c_proj(y))
+
+    def update_cache(self, cache, **new):
+        """Append new entries along the sequence axis; return the whole cached tensors."""
+        for name, t in new.items():
+            cache[name] = torch.cat([cache[name], t], dim=2) if name in cache else t
+        return [cache[name] for name in new]
+
+    def cached_sisa(self, cache, q, k, v, C, B, log_alpha, theta, lam):
+        """SISA for generation with a cache of keys, values, g and R(Phi) B.
+
+        A cached key cannot carry a sequence-wide offset (the sequence keeps
+        growing), so the cache keeps g_j and R(Phi_j) B_j, and each new step uses
+        its own query's g_i as the offset: exp(g_i - g_j) <= 1 for every past key,
+        always in range. The prompt (empty cache) goes through sisa_attention.
+        """
+        if 'len' not in cache:  # prefill
+            y = sisa_attention(q, k, v, C, B, log_alpha, theta, lam)
+            g, _, RB = ssm_channels(C, B, log_alpha, theta)
+            self.update_cache(cache, k=k, v=v, RB=RB)
+            cache['g'], cache['phi_last'] = g, theta.float().sum(dim=2, keepdim=True)
+            return y
+        assert q.size(2) == 1, "cached decoding takes one token at a time"
+        g_i = cache['g'][..., -1:] + log_alpha                   # (b, h, 1)
+        phi_i = cache['phi_last'] + theta.float()                 # (b, h, 1, d_s/2)
+        cache['phi_last'] = phi_i
+        cache['g'] = torch.cat([cache['g'], g_i], dim=-1)          # (b, h, n)
+        k, v, RB = self.update_cache(cache, k=k, v=v, RB=rotate(B.float(), phi_i))
+        s = self.head_dim ** 0.25 * lam.sqrt()[None, :, None, None]
+        Cbar = s * rotate(C.float(), phi_i)                                    # offset c = g_i
+        Bbar = s * (g_i[..., None] - cache['g'][..., None]).exp() * RB          # (b, h, n, d_s)
+        Qhat = torch.cat([q, Cbar.to(q.dtype)], dim=-1)
+        Khat = torch.cat([k, Bbar.to(k.dtype)], dim=-1)
+        return F.scaled_dot_product_attention(Qhat, Khat, v, scale=1 / math.sqrt(self.head_dim))
+
+    @torch.no_grad()
+    def record(self, log_alpha, lam, dtype):
+        span = -log_alpha.sum(-1)  # (b, h) nats of decay across the sequence
+        self.stats = dict(lam=lam.tolist(),
+                          half_life=(math.log(2) / -log_alpha.mean(dim=(0, 2))).tolist(),
+                          span=span.max().item(),
+                          chunked=bool(span.max() > max_decay_span(dtype)))
+
+
+class MLP(nn.Module):
+    """SwiGLU: (silu(x W_gate) * x W_up) W_down."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.d_ff = config.ffn_hidden()
+        self.c_fc = nn.Linear(config.n_embd, 2 * self.d_ff, bias=config.bias)  # gate and up, fused
+        self.c_proj = nn.Linear(self.d_ff, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=RMSNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):  # GPT-2's scaled init of the residual projections
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for block in self.transformer.h:
+            if block.attn.sisa:
+                block.attn.reset_ssm_parameters()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self):
+        """Number of parameters (the tied embedding counted once; RoPE has none)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (b, l) token ids -> logits (b, l, V) and the mean cross-entropy if targets are given.
+
+        Without targets only the last position's logits are computed, (b, 1, V).
+        cache: a list of one dict per layer (see new_cache) for incremental decoding.
+        """
+        b, l = idx.size()
+        start = cache[0].get('len', 0) if cache else 0
+        if start + l > self.config.block_size:
+            raise ValueError(f"input length {start + l} exceeds block_size {self.config.block_size}")
+        x = self.transformer.drop(self.transformer.wte(idx))  # (b, l, d)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache[i] if cache is not None else None)
+        if cache is not None:
+            for layer_cache in cache:
+                layer_cache['len'] = start + l
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss
+
+    def new_cache(self):
+        return [{} for _ in range(self.config.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Sample max_new_tokens tokens after idx (b, l). temperature=0 picks the argmax.
+
+        With use_cache, each new token costs one step over the cached keys, O(l),
+        instead of a full forward. Past block_size the context is cropped to the
+        last block_size tokens, as in nanoGPT; a cropped context changes every
+        layer's keys, so from then on each step is a full forward of the window.
+        """
+        cache = None
+        for _ in range(max_new_tokens):
+            if idx.size(1) > self.config.block_size:
+                cache = None  # the window slides: rebuild from the cropped context
+            if use_cache and cache is not None:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            else:
+                idx_cond = idx[:, -self.config.block_size:]
+                cache = self.new_cache() if use_cache and idx.size(1) < self.config.block_size else None
+                logits, _ = self(idx_cond, cache=cache)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on 2-D weights only (not norms, b_a or lambda_raw)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
+        ]
+        use_fused = device_type == 'cuda'
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=use_fused)
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6N for the weights, plus attention's QK^T (width d_h + d_s
+        for SISA) and PV (width d_h), forward and backward, without causal savings (as in nanoGPT)."""
+        cfg = self.config
+        d_h = cfg.n_embd // cfg.n_head
+        d_s = cfg.d_state if cfg.attention == 'sisa' else 0
+        attn = 6 * cfg.n_layer * cfg.n_head * cfg.block_size * (2 * d_h + d_s)
+        return 6 * self.get_num_params() + attn
+
+    def estimate_mfu(self, tokens_per_sec, peak_flops):
+        """Model FLOPs utilization: achieved FLOP/s over the accelerator's peak (None if unknown)."""
+        if not peak_flops:
+            return None
+        return self.flops_per_token() * tokens_per_sec / peak_flops

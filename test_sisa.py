@@ -1,0 +1,553 @@
+"""Tests are documentation: each name states a property of SISA or of the pipeline.
+
+Run: python -m pytest -q test_sisa.py   (CPU only)
+"""
+import functools
+import hashlib
+import http.server
+import json
+import math
+import os
+import pickle
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prepare_data as pd
+from prepare_data import DataError
+from sisa import (GPT, GPTConfig, importance, importance_naive, max_decay_span, rotate,
+                  sisa_attention)
+
+
+def random_inputs(b, h, l, d_s, d_h=8, decay_bias=-5.0, dtype=torch.float64, seed=0):
+    """Random q, k, v, C, B, log_alpha, theta, lam; decay_bias sets how fast heads forget."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    q, k, v = r(b, h, l, d_h), r(b, h, l, d_h), r(b, h, l, d_h)
+    C, B = r(b, h, l, d_s), r(b, h, l, d_s)
+    log_alpha = -F.softplus(decay_bias + r(b, h, l))
+    theta = 0.5 * r(b, h, l, d_s // 2)
+    lam = F.softplus(r(h))
+    return q, k, v, C, B, log_alpha, theta, lam
+
+
+def reference_importance(C, B, log_alpha, theta, lam):
+    """lambda exp(g_i - g_j) (R(Phi_i) C_i) . (R(Phi_j) B_j), straight from the formula in fp64,
+    with g_i - g_j taken pairwise (never a large exp), zero above the diagonal."""
+    C, B, log_alpha, theta, lam = (t.double() for t in (C, B, log_alpha, theta, lam))
+    g, phi = log_alpha.cumsum(-1), theta.cumsum(-2)
+    RC, RB = rotate(C, phi), rotate(B, phi)
+    diff = g[..., :, None] - g[..., None, :]  # (b, h, l, l), <= 0 on and below the diagonal
+    causal = torch.ones_like(diff, dtype=torch.bool).tril()
+    decay = torch.where(causal, diff, torch.full_like(diff, -math.inf)).exp()
+    return lam[None, :, None, None] * decay * (RC @ RB.transpose(-2, -1))
+
+
+def reference_attention(q, k, v, A):
+    """softmax(q.k / sqrt(d_h) + A + causal mask) @ v in fp64, with an explicit score matrix."""
+    q, k, v, A = q.double(), k.double(), v.double(), A.double()
+    l = q.size(-2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + A
+    scores = scores.masked_fill(~torch.ones(l, l, dtype=torch.bool).tril(), -math.inf)
+    return scores.softmax(-1) @ v
+
+
+SHAPES = [(1, 1, 1, 2), (2, 3, 7, 2), (2, 2, 16, 8), (1, 4, 33, 16), (3, 2, 12, 4)]
+DECAYS = [-5.0, 0.0, 2.0]  # half-life ~100 tokens, ~1 token, forgets almost at once
+
+
+# -----------------------------------------------------------------------------
+# the importance term
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("decay_bias", DECAYS)
+def test_importance_naive_equals_importance(shape, decay_bias):
+    _, _, _, C, B, log_alpha, theta, lam = random_inputs(*shape, decay_bias=decay_bias)
+    naive = importance_naive(C, B, log_alpha, theta, lam)
+    fast = importance(C, B, log_alpha, theta, lam)
+    assert naive.shape == (shape[0], shape[1], shape[2], shape[2])
+    torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("decay_bias", DECAYS)
+def test_importance_naive_equals_the_formula(decay_bias):
+    _, _, _, C, B, log_alpha, theta, lam = random_inputs(2, 3, 20, 6, decay_bias=decay_bias)
+    torch.testing.assert_close(importance_naive(C, B, log_alpha, theta, lam),
+                               reference_importance(C, B, log_alpha, theta, lam), rtol=1e-10, atol=1e-12)
+
+
+def test_importance_is_zero_above_the_diagonal_and_lambda_C_B_on_it():
+    _, _, _, C, B, log_alpha, theta, lam = random_inputs(2, 2, 9, 4)
+    A = importance(C, B, log_alpha, theta, lam)
+    assert (A.triu(diagonal=1) == 0).all()
+    # on the diagonal no decay or rotation has acted yet: lambda C_t . B_t
+    diag = lam[None, :, None] * (C * B).sum(-1)
+    torch.testing.assert_close(A.diagonal(dim1=-2, dim2=-1), diag, rtol=1e-10, atol=1e-12)
+
+
+def test_importance_clamp_follows_the_dtype():
+    # fp16 holds about 4 nats, bf16 and fp32 about 82: the paper's fixed 11 fits neither
+    assert 3 < max_decay_span(torch.float16) < 5
+    assert max_decay_span(torch.bfloat16) == pytest.approx(max_decay_span(torch.float32), abs=1)
+    assert 80 < max_decay_span(torch.float32) < 90
+
+
+# -----------------------------------------------------------------------------
+# SISA attention
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("decay_bias", DECAYS)
+def test_sisa_attention_equals_explicit_softmax(shape, decay_bias):
+    q, k, v, C, B, log_alpha, theta, lam = random_inputs(*shape, decay_bias=decay_bias)
+    expected = reference_attention(q, k, v, importance_naive(C, B, log_alpha, theta, lam))
+    torch.testing.assert_close(sisa_attention(q, k, v, C, B, log_alpha, theta, lam), expected,
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_lambda_zero_or_C_zero_gives_plain_causal_attention():
+    q, k, v, C, B, log_alpha, theta, lam = random_inputs(2, 3, 11, 8, decay_bias=0.0)
+    plain = reference_attention(q, k, v, torch.zeros(1))
+    for out in (sisa_attention(q, k, v, C, B, log_alpha, theta, torch.zeros_like(lam)),
+                sisa_attention(q, k, v, torch.zeros_like(C), B, log_alpha, theta, lam)):
+        torch.testing.assert_close(out, plain, rtol=1e-13, atol=1e-14)
+    # and lambda -> 0 approaches it continuously
+    tiny = sisa_attention(q, k, v, C, B, log_alpha, theta, torch.full_like(lam, 1e-9))
+    torch.testing.assert_close(tiny, plain, rtol=1e-7, atol=1e-7)
+
+
+def test_importance_changes_attention():
+    # guards the tests above: with lambda > 0 the output must differ from plain attention
+    q, k, v, C, B, log_alpha, theta, lam = random_inputs(1, 2, 10, 8, decay_bias=-5.0)
+    plain = reference_attention(q, k, v, torch.zeros(1))
+    assert (sisa_attention(q, k, v, C, B, log_alpha, theta, lam) - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sisa_attention_is_exact_when_decay_spans_hundreds_of_nats(dtype):
+    # ~4.5 nats per token over 60 tokens: 270 nats, beyond fp32's single-call range, so it chunks
+    q, k, v, C, B, log_alpha, theta, lam = random_inputs(2, 2, 60, 8, decay_bias=4.5)
+    span = (-log_alpha.sum(-1)).max().item()
+    assert span > 200 and (dtype == torch.float64 or span > max_decay_span(dtype))
+    args = [t.to(dtype) for t in (q, k, v, C, B, log_alpha, theta, lam)]
+    expected = reference_attention(q, k, v, reference_importance(C, B, log_alpha, theta, lam))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(sisa_attention(*args).double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("decay_bias", [1.0, 2.0, 4.0])
+def test_naive_scan_importance_and_attention_agree_in_every_decay_regime(decay_bias):
+    # a mix of slow and fast heads in one batch, 50+ nats inside a sequence
+    q, k, v, C, B, log_alpha, theta, lam = random_inputs(2, 3, 48, 8, decay_bias=decay_bias)
+    log_alpha[:, 0] = log_alpha[:, 0] / 100  # one head that barely forgets
+    assert (-log_alpha.sum(-1)).max() > 50
+    ref = reference_importance(C, B, log_alpha, theta, lam)
+    torch.testing.assert_close(importance_naive(C, B, log_alpha, theta, lam), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(importance(C, B, log_alpha, theta, lam), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sisa_attention(q, k, v, C, B, log_alpha, theta, lam),
+                               reference_attention(q, k, v, ref), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_is_finite_and_close_when_heads_forget_fast(dtype):
+    # 50+ nats: far beyond fp16's ~4 per call, so fp16 chunks; bf16 holds it in one call
+    q, k, v, C, B, log_alpha, theta, lam = random_inputs(2, 2, 48, 8, decay_bias=1.0)
+    assert (-log_alpha.sum(-1)).min() > 50
+    expected = reference_attention(q, k, v, reference_importance(C, B, log_alpha, theta, lam))
+    args = [t.to(dtype).requires_grad_() for t in (q, k, v, C, B, log_alpha, theta)] + [lam.float()]
+    out = sisa_attention(*args)
+    assert out.dtype == dtype and out.isfinite().all()
+    out.float().square().sum().backward()
+    for t in args[:-1]:
+        assert t.grad.isfinite().all()
+    # inputs rounded to the dtype, so compare loosely: a few units of the dtype's precision
+    torch.testing.assert_close(out.double(), expected, rtol=0.1, atol=0.1)
+
+
+# -----------------------------------------------------------------------------
+# the GPT
+
+def tiny_config(**kw):
+    args = dict(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=32, d_state=8)
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+@pytest.mark.parametrize("attention", ["sisa", "softmax"])
+def test_changing_future_tokens_changes_no_past_logit(attention):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(attention=attention)).eval()
+    idx = torch.randint(0, 50, (2, 32))
+    t = 13
+    other = idx.clone()
+    other[:, t + 1:] = torch.randint(0, 50, (2, 32 - t - 1))
+    logits, _ = model(idx, idx)
+    logits2, _ = model(other, other)
+    torch.testing.assert_close(logits[:, :t + 1], logits2[:, :t + 1], rtol=1e-5, atol=1e-5)
+    assert (logits[:, t + 1:] - logits2[:, t + 1:]).abs().max() > 1e-3
+
+
+def fast_forgetting_model(seed=0, **kw):
+    """A SISA model whose heads forget fast and data-dependently (50+ nats in a block)."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**kw)).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            attn = block.attn
+            if not attn.sisa:
+                continue
+            o = 3 * attn.c_attn.in_features + 2 * attn.n_head * attn.d_state
+            attn.c_attn.weight[o:o + attn.n_head].normal_(std=1.0)  # w_a: decay depends on the token
+            attn.a_bias.fill_(2.0)                                 # ~2 nats per token
+            attn.lambda_raw.fill_(1.0)
+            attn.c_attn.weight[3 * attn.c_attn.in_features:o].normal_(std=0.5)  # B, C large
+    return model
+
+
+def test_model_stays_causal_when_a_head_forgets_fast():
+    model = fast_forgetting_model()
+    for block in model.transformer.h:
+        block.attn.record_stats = True
+    idx = torch.randint(0, 50, (3, 32))
+    other = idx.clone()
+    other[:, -1] = (idx[:, -1] + 1 + torch.arange(3)) % 50
+    logits, _ = model(idx, idx)
+    spans = [block.attn.stats['span'] for block in model.transformer.h]
+    assert min(spans) > 50  # the regime where the paper's clamp would bite
+    logits2, _ = model(other, other)
+    torch.testing.assert_close(logits[:, :-1], logits2[:, :-1], rtol=1e-5, atol=1e-5)
+
+
+def test_fast_forgetting_model_trains_finite_under_bf16_autocast():
+    model = fast_forgetting_model().train()
+    idx = torch.randint(0, 50, (2, 32))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, loss = model(idx, idx)
+    loss.backward()
+    assert loss.isfinite()
+    assert all(p.grad.isfinite().all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("shape", [
+    dict(n_layer=2, n_head=4, n_embd=128, d_state=16, vocab_size=65),
+    dict(n_layer=4, n_head=6, n_embd=192, d_state=16, vocab_size=65),
+    dict(n_layer=6, n_head=8, n_embd=512, d_state=64, vocab_size=50304),
+    dict(n_layer=12, n_head=12, n_embd=768, d_state=16, vocab_size=50304),
+    dict(n_layer=3, n_head=4, n_embd=256, d_state=32, vocab_size=500, bias=True),
+])
+def test_sisa_and_softmax_models_have_the_same_parameter_count(shape):
+    with torch.device('meta'):
+        n_sisa = GPT(GPTConfig(attention='sisa', **shape)).get_num_params()
+        n_soft = GPT(GPTConfig(attention='softmax', **shape)).get_num_params()
+    assert abs(n_sisa - n_soft) / n_soft < 1e-3
+    # the SSM really is there: without shrinking the FFN SISA would be larger
+    cfg = GPTConfig(attention='sisa', **shape)
+    assert GPTConfig(attention='softmax', **shape).ffn_hidden() > cfg.ffn_hidden()
+
+
+def test_lambda_raw_stays_fp32_and_every_ssm_parameter_gets_a_gradient_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 50, (2, 32))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16
+    loss.backward()
+    d = model.config.n_embd
+    for block in model.transformer.h:
+        attn = block.attn
+        assert attn.lambda_raw.dtype == torch.float32 and attn.lambda_raw.grad.dtype == torch.float32
+        assert (attn.lambda_raw.grad != 0).all() and (attn.a_bias.grad != 0).all()
+        W_grad = attn.c_attn.weight.grad[3 * d:]  # rows of W_B, W_C, w_a, W_theta
+        rows = W_grad.split(attn.widths[3:])
+        assert len(rows) == 4
+        for name, g in zip(['W_B', 'W_C', 'w_a', 'W_theta'], rows):
+            assert (g.abs().sum(-1) > 0).all(), name
+
+
+def test_generate_returns_the_requested_tokens_and_is_reproducible():
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 50, (2, 5))
+    torch.manual_seed(1)
+    a = model.generate(idx, 40, temperature=1.0, top_k=10)
+    torch.manual_seed(1)
+    b = model.generate(idx, 40, temperature=1.0, top_k=10)
+    torch.manual_seed(2)
+    c = model.generate(idx, 40, temperature=1.0, top_k=10)
+    assert a.shape == (2, 45) and torch.equal(a[:, :5], idx)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("attention", ["sisa", "softmax"])
+@pytest.mark.parametrize("prompt_len", [1, 7])
+def test_cached_decoding_matches_the_full_forward(attention, prompt_len):
+    model = fast_forgetting_model(attention=attention)
+    idx = torch.randint(0, 50, (2, 32))
+    full, _ = model(idx, idx)  # (2, 32, V): every position's logits in one pass
+    cache = model.new_cache()
+    steps = [model(idx[:, :prompt_len], cache=cache)[0]]
+    for t in range(prompt_len, 32):
+        steps.append(model(idx[:, t:t + 1], cache=cache)[0])
+    cached = torch.cat(steps, dim=1)  # logits at positions prompt_len - 1 .. 31
+    torch.testing.assert_close(cached, full[:, prompt_len - 1:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["sisa", "softmax"])
+@pytest.mark.parametrize("prompt_len", [1, 6])
+def test_cached_and_uncached_greedy_generation_agree_past_block_size(attention, prompt_len):
+    model = fast_forgetting_model(attention=attention, seed=3)
+    idx = torch.randint(0, 50, (2, prompt_len))
+    n = 40 - prompt_len  # runs past block_size 32, where the context is cropped
+    with_cache = model.generate(idx, n, temperature=0, use_cache=True)
+    without = model.generate(idx, n, temperature=0, use_cache=False)
+    assert with_cache.shape == (2, 40)
+    assert torch.equal(with_cache, without)
+
+
+def test_bad_config_and_input_raise_value_errors_naming_the_parameter():
+    with pytest.raises(ValueError, match='d_state'):
+        GPTConfig(d_state=7)
+    with pytest.raises(ValueError, match='n_embd'):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match='attention'):
+        GPTConfig(attention='linear')
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match='block_size'):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+# =============================================================================
+# prepare_data.py
+
+
+# -----------------------------------------------------------------------------
+# download against a local http server
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+@pytest.fixture
+def server(tmp_path):
+    """Serves tmp_path/www on 127.0.0.1 at an ephemeral port; yields (base_url, www_dir, stop)."""
+    www = tmp_path / 'www'
+    www.mkdir()
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(QuietHandler, directory=str(www)))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True) # short poll, quick shutdown
+    thread.start()
+    stopped = []
+    def stop():
+        if not stopped:
+            httpd.shutdown()
+            httpd.server_close()
+            stopped.append(True)
+    yield f'http://127.0.0.1:{httpd.server_address[1]}', www, stop
+    stop()
+
+def leftovers(folder):
+    return [f for f in os.listdir(folder) if f.endswith('.part')]
+
+def test_download_writes_file_with_matching_hash(server, tmp_path):
+    url, www, _ = server
+    content = b'to be, or not to be\n' * 1000
+    (www / 'input.txt').write_bytes(content)
+    dest = tmp_path / 'data' / 'x' / 'input.txt'
+    assert pd.download(f'{url}/input.txt', str(dest), hashlib.sha256(content).hexdigest()) == str(dest)
+    assert dest.read_bytes() == content
+    assert leftovers(dest.parent) == []
+
+def test_download_reuses_cached_file_without_network(server, tmp_path):
+    url, www, stop = server
+    content = b'cached text\n'
+    (www / 'input.txt').write_bytes(content)
+    dest = tmp_path / 'input.txt'
+    sha = hashlib.sha256(content).hexdigest()
+    pd.download(f'{url}/input.txt', str(dest), sha)
+    stop() # a second fetch would now fail, so passing means the cache was used
+    assert pd.download(f'{url}/input.txt', str(dest), sha) == str(dest)
+    assert dest.read_bytes() == content
+
+def test_download_with_wrong_hash_keeps_nothing(server, tmp_path):
+    url, www, _ = server
+    (www / 'input.txt').write_bytes(b'tampered\n')
+    dest = tmp_path / 'input.txt'
+    with pytest.raises(DataError, match='integrity check failed') as e:
+        pd.download(f'{url}/input.txt', str(dest), '0' * 64)
+    assert '0' * 64 in str(e.value) and hashlib.sha256(b'tampered\n').hexdigest() in str(e.value)
+    assert not dest.exists()
+    assert os.listdir(tmp_path) == ['www'] # no temp file either
+
+def test_shakespeare_from_mirror_url(server, tmp_path, monkeypatch):
+    url, www, _ = server
+    text = 'ROMEO:\nBut, soft! what light through yonder window breaks?\n' * 50
+    (www / 'input.txt').write_bytes(text.encode())
+    monkeypatch.setattr(pd, 'SHAKESPEARE_SHA256', hashlib.sha256(text.encode()).hexdigest()) # our stand-in file
+    pd.main(['--dataset=shakespeare_char', f'--url={url}/input.txt', f'--out_dir={tmp_path / "data"}'])
+    data_dir = tmp_path / 'data' / 'shakespeare_char'
+    assert (data_dir / 'input.txt').read_text() == text # the raw file is cached beside the bins
+    _, decode = pd.get_tokenizer(pd.load_meta(str(data_dir)))
+    ids = np.concatenate([np.fromfile(data_dir / f'{s}.bin', dtype=np.uint16) for s in ('train', 'val')])
+    assert decode(ids.tolist()) == text
+
+def test_download_unreachable_fails_fast_with_offline_hint(tmp_path):
+    with socket.socket() as s: # a port that was just free, so nothing listens there
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    dest = tmp_path / 'shakespeare_char' / 'input.txt'
+    t0 = time.time()
+    with pytest.raises(DataError) as e:
+        pd.download(f'http://127.0.0.1:{port}/input.txt', str(dest), '0' * 64, timeout=2)
+    assert time.time() - t0 < 2
+    msg = str(e.value)
+    assert 'offline' in msg and '--input=' in msg and '--name=shakespeare_char' in msg
+    assert not dest.exists() and leftovers(dest.parent) == []
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def test_char_tokenizer_round_trips():
+    text = 'First Citizen:\nBefore we proceed any further, hear me speak.\n'
+    encode, decode = pd.get_tokenizer(pd.char_meta(text))
+    assert decode(encode(text)) == text
+    assert encode('') == [] and decode([]) == ''
+
+def test_char_tokenizer_names_unknown_characters():
+    encode, _ = pd.get_tokenizer(pd.char_meta('abc '))
+    with pytest.raises(DataError, match=r"characters not in the vocabulary: '@', 'Z'"):
+        encode('a Z b @ Z')
+
+def test_gpt2_tokenizer_offline_gives_clear_error(monkeypatch, tmp_path):
+    import requests
+    import tiktoken
+    import tiktoken.load
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path)) # empty cache, so tiktoken must fetch
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, 'gpt2', raising=False)
+    def offline(blobpath):
+        raise requests.ConnectionError(f'no network for {blobpath}')
+    monkeypatch.setattr(tiktoken.load, 'read_file', offline)
+    with pytest.raises(DataError) as e:
+        pd.get_tokenizer({'tokenizer': 'gpt2', 'vocab_size': 50257})
+    msg = str(e.value)
+    assert 'tiktoken could not fetch the GPT-2' in msg and 'TIKTOKEN_CACHE_DIR' in msg and '--tokenizer=char' in msg
+
+def test_load_meta_missing_names_the_command(tmp_path):
+    with pytest.raises(DataError, match='python prepare_data.py --dataset=needle'):
+        pd.load_meta(str(tmp_path / 'needle'))
+
+# -----------------------------------------------------------------------------
+# needle
+
+SMALL = dict(doc_len=96, n_digits=2, n_train_docs=300, n_val_docs=40, n_eval=30, seed=7)
+
+def test_needle_docs_fit_and_hold_exactly_one_needle():
+    for doc_len, n_digits in [(64, 2), (128, 2), (200, 3)]:
+        docs = pd.make_needle_docs(300, seed=1, doc_len=doc_len, n_digits=n_digits)
+        for text, answer in docs:
+            assert len(text) <= doc_len and text.endswith('\n') and text.count('\n') == 1
+            assert len(answer) == n_digits and answer.isdigit()
+            assert text.count('the secret number is') == 1
+            assert f'the secret number is {answer}.' in text
+            assert text.endswith(f'what is the secret number? {answer}\n')
+            assert set(text) <= set(pd.NEEDLE_CHARS)
+        if doc_len >= 128: # at 64 only needle and question fit, so there is no haystack to vary
+            assert len({len(t) for t, _ in docs}) > 5 # lengths vary
+            assert len({t.index('the secret') for t, _ in docs}) > 5 # and so does the needle's place
+
+def test_needle_doc_len_too_short_is_a_clear_error():
+    with pytest.raises(DataError, match='too short'):
+        pd.make_needle_docs(1, seed=0, doc_len=40)
+
+def test_needle_eval_prompts_fill_doc_len_and_end_at_question():
+    for item in pd.needle_eval_set(50, seed=3, doc_len=256):
+        assert item['prompt'].endswith('what is the secret number? ')
+        assert f"the secret number is {item['answer']}." in item['prompt']
+        assert 256 - pd.SHORTEST_SENTENCE - 1 < len(item['prompt']) + len(item['answer']) + 1 <= 256
+
+def test_prepare_needle_is_deterministic(tmp_path):
+    a = pd.prepare_needle(str(tmp_path / 'a'), **SMALL)
+    b = pd.prepare_needle(str(tmp_path / 'b'), **SMALL)
+    files = sorted(os.listdir(a))
+    assert files == ['eval.json', 'meta.pkl', 'train.bin', 'train_starts.bin', 'val.bin', 'val_starts.bin']
+    for f in files:
+        assert open(os.path.join(a, f), 'rb').read() == open(os.path.join(b, f), 'rb').read(), f
+    c = pd.prepare_needle(str(tmp_path / 'c'), **{**SMALL, 'seed': 8})
+    assert open(os.path.join(a, 'train.bin'), 'rb').read() != open(os.path.join(c, 'train.bin'), 'rb').read()
+
+def test_prepare_needle_bins_decode_to_the_documents(tmp_path):
+    data_dir = pd.prepare_needle(str(tmp_path), **SMALL)
+    meta = pd.load_meta(data_dir)
+    assert meta['tokenizer'] == 'char' and meta['doc_len'] == 96 and meta['vocab_size'] == len(pd.NEEDLE_CHARS)
+    _, decode = pd.get_tokenizer(meta)
+    for split, n, seed in [('train', 300, 7), ('val', 40, 8)]:
+        docs = [t for t, _ in pd.make_needle_docs(n, seed, 96, 2)]
+        ids = np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16)
+        starts = np.fromfile(os.path.join(data_dir, f'{split}_starts.bin'), dtype=np.uint32)
+        text = decode(ids.tolist())
+        assert text == ''.join(docs)
+        assert len(starts) == n and starts[0] == 0
+        for s, doc in zip(starts, docs):
+            assert text[s:s + len(doc)] == doc
+            assert s == 0 or text[s - 1] == '\n'
+
+def test_needle_splits_and_eval_use_different_seeds(tmp_path):
+    data_dir = pd.prepare_needle(str(tmp_path), **SMALL)
+    meta = pd.load_meta(data_dir)
+    _, decode = pd.get_tokenizer(meta)
+    read = lambda split: set(decode(np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16).tolist()).splitlines())
+    train, val = read('train'), read('val')
+    with open(os.path.join(data_dir, 'eval.json')) as f:
+        evals = json.load(f)
+    assert len(evals) == 30
+    eval_docs = {e['prompt'] + e['answer'] for e in evals}
+    assert val != train and not eval_docs <= train
+    assert len(eval_docs & train) < len(eval_docs) // 2 # a few short docs may repeat by chance, most must not
+    # every eval prompt encodes with the saved vocabulary
+    encode, _ = pd.get_tokenizer(meta)
+    for e in evals:
+        encode(e['prompt'] + e['answer'])
+
+def test_meta_holds_only_plain_types(tmp_path):
+    meta = pd.load_meta(pd.prepare_needle(str(tmp_path), **SMALL))
+    def plain(x):
+        if isinstance(x, dict):
+            return all(plain(k) and plain(v) for k, v in x.items())
+        if isinstance(x, list):
+            return all(map(plain, x))
+        return type(x) in (str, int)
+    assert plain(meta)
+
+# -----------------------------------------------------------------------------
+# local text files and the command line
+
+def test_input_file_char_round_trips(tmp_path):
+    text = ''.join(f'line {i}: the quick brown fox jumps over the lazy dog!\n' for i in range(200))
+    path = tmp_path / 'mytext.txt'
+    path.write_text(text, encoding='utf-8')
+    pd.main([f'--input={path}', '--tokenizer=char', f'--out_dir={tmp_path / "data"}'])
+    data_dir = tmp_path / 'data' / 'mytext' # name defaults to the file stem
+    meta = pd.load_meta(str(data_dir))
+    _, decode = pd.get_tokenizer(meta)
+    train = decode(np.fromfile(data_dir / 'train.bin', dtype=np.uint16).tolist())
+    val = decode(np.fromfile(data_dir / 'val.bin', dtype=np.uint16).tolist())
+    assert train + val == text
+    assert len(train) == int(0.9 * len(text))
+
+def test_main_rejects_unknown_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        pd.main(['--bogus=3'])
+    assert e.value.code != 0 and '--bogus' in capsys.readouterr().err
+
+def test_main_rejects_wrong_type(capsys):
+    with pytest.raises(SystemExit) as e:
+        pd.main(['--doc_len=long'])
+    assert e.value.code != 0 and '--doc_len' in capsys.readouterr().err
+
+def test_main_prints_data_error_without_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        pd.main([f'--input={tmp_path / "missing.txt"}'])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith('error: cannot read') and 'Traceback' not in err
