@@ -551,3 +551,151 @@ def test_main_prints_data_error_without_traceback(tmp_path, capsys):
         pd.main([f'--input={tmp_path / "missing.txt"}'])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith('error: cannot read') and 'Traceback' not in err
+
+
+# =============================================================================
+# train.py and sample.py, end to end (tiny: seconds on a CPU)
+
+import subprocess
+import sys
+
+import train as tr
+import sample as sp
+
+TINY = ['--block_size=64', '--n_layer=1', '--n_head=2', '--n_embd=32', '--d_state=4', '--batch_size=4',
+        '--eval_iters=1', '--eval_needles=10', '--sample_tokens=0', '--warmup_iters=2', '--device=cpu']
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh folder holding a small needle dataset with 64-character documents."""
+    monkeypatch.chdir(tmp_path)
+    pd.prepare_needle('data', doc_len=64, n_train_docs=300, n_val_docs=50, n_eval=20)
+    return tmp_path
+
+
+def run_train(*flags):
+    return tr.train(tr.parse_flags(tr.TrainConfig, TINY + list(flags), ''), quiet=True)
+
+
+def final_weights(out_dir):
+    return tr.load_checkpoint(f'{out_dir}/ckpt.pt')['model']
+
+
+def test_resume_continues_exactly_where_training_stopped(workdir):
+    # warmup longer than the run: the learning rate of step t is the same whatever max_iters says,
+    # so a run stopped at 6 and resumed to 10 must equal a run straight to 10
+    run_train('--max_iters=10', '--eval_interval=5', '--out_dir=full', '--warmup_iters=50')
+    run_train('--max_iters=6', '--eval_interval=3', '--out_dir=part', '--warmup_iters=50')
+    ckpt = tr.load_checkpoint('part/ckpt.pt')
+    assert ckpt['iter_num'] == 6 and ckpt['meta']['tokenizer'] == 'char'
+    history = run_train('--max_iters=10', '--eval_interval=5', '--out_dir=part', '--init_from=resume',
+                        '--warmup_iters=50')
+    assert [h['iter'] for h in history] == [10]  # step 6 was evaluated before the stop, not again
+    assert tr.load_checkpoint('part/ckpt.pt')['iter_num'] == 10
+    # same data order and schedule position: no step repeated or lost, so the very same weights
+    full, part = final_weights('full'), final_weights('part')
+    assert all(torch.equal(full[k], part[k]) for k in full)
+    log = [json.loads(line) for line in open('part/log.jsonl')]
+    assert [e['iter'] for e in log] == [0, 3, 6, 10]
+
+
+def test_training_lowers_the_loss_and_logs_sisa_diagnostics(workdir):
+    history = run_train('--max_iters=40', '--eval_interval=20', '--learning_rate=1e-2')
+    assert history[-1]['val_loss'] < history[0]['val_loss'] - 0.5
+    layer = history[-1]['layers'][0]
+    assert len(layer['lam']) == 2 and layer['half_life'] > 0 and layer['chunked'] == 0.0
+    assert 0.0 <= history[-1]['needle_acc'] <= 1.0
+
+
+def test_attention_flag_trains_the_softmax_baseline_on_the_same_batches(workdir):
+    data = tr.Data(tr.parse_flags(tr.TrainConfig, TINY, ''))
+    x1, y1 = data.batch('train', 3, torch.device('cpu'))
+    x2, y2 = data.batch('train', 3, torch.device('cpu'))
+    assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
+    assert not torch.equal(x1, data.batch('train', 4, torch.device('cpu'))[0])
+    # every needle window starts at a document's start: a sentence of the grammar
+    openings = tuple(pd.SUBJECTS) + ('the secret number',)
+    assert all(data.decode(row.tolist()).startswith(openings) for row in x1)
+    history = run_train('--max_iters=4', '--eval_interval=4', '--attention=softmax', '--out_dir=soft')
+    assert 'layers' not in history[-1]
+    assert tr.load_checkpoint('soft/ckpt.pt')['model_args']['attention'] == 'softmax'
+
+
+def test_needle_accuracy_is_exact_match_of_the_greedy_answer(workdir):
+    cfg = tr.parse_flags(tr.TrainConfig, TINY, '')
+    data = tr.Data(cfg)
+    model = GPT(tr.model_config(cfg, data.meta['vocab_size'])).eval()
+    prompts = data.needles[:8]
+    ctx = torch.no_grad()
+    # the batched teacher-forced check agrees with decoding each prompt greedily
+    acc = tr.needle_accuracy(model, data, prompts, torch.device('cpu'), ctx)
+    greedy = []
+    for p in prompts:
+        idx = torch.tensor([data.encode(p['prompt'])])
+        out = model.generate(idx, len(p['answer']), temperature=0)
+        greedy.append(data.decode(out[0, idx.size(1):].tolist()) == p['answer'])
+    assert acc == sum(greedy) / len(greedy)
+    # an oracle that always emits the right answer scores 100%
+    class Oracle(torch.nn.Module):
+        def forward(self, x, y):
+            logits = torch.zeros(*x.shape, data.meta['vocab_size'])
+            logits[:, :-1].scatter_(-1, x[:, 1:, None], 1.0)
+            return logits, None
+    assert tr.needle_accuracy(Oracle(), data, prompts, torch.device('cpu'), ctx) == 1.0
+
+
+def test_sample_loads_a_compiled_models_checkpoint_and_decodes(workdir, capsys):
+    run_train('--max_iters=3', '--eval_interval=3')
+    ckpt = tr.load_checkpoint('out/ckpt.pt')
+    ckpt['model'] = {'_orig_mod.' + k: v for k, v in ckpt['model'].items()}  # as torch.compile saves it
+    tr.save_checkpoint('out/ckpt.pt', ckpt)
+    open('prompt.txt', 'w').write('the cat sees a box.')
+    sp.main(['--start=FILE:prompt.txt', '--num_samples=2', '--max_new_tokens=7', '--temperature=0'])
+    out = capsys.readouterr().out.splitlines()
+    samples = [l for l in out if l.startswith('the cat sees a box.')]
+    assert len(samples) == 2 and samples[0] == samples[1] and len(samples[0]) == len('the cat sees a box.') + 7
+    assert not os.path.exists('out/ckpt.pt.tmp')
+
+
+def test_bad_inputs_get_clear_messages(workdir, monkeypatch):
+    def exits(fn, *args):
+        with pytest.raises(SystemExit) as e:
+            fn(*args)
+        return str(e.value.code)
+    assert 'unknown flag --batchsize (did you mean --batch_size?)' in exits(tr.main, ['--batchsize=3'])
+    assert '--max_iters expects a int' in exits(tr.main, ['--max_iters=many'])
+    assert 'python prepare_data.py --dataset=shakespeare_char' in exits(tr.main, ['--dataset=shakespeare_char'])
+    assert 'too few for block_size' in exits(tr.main, TINY + ['--block_size=100000'])
+    assert 'd_state' in exits(tr.main, TINY + ['--d_state=3'])
+    assert 'no checkpoint' in exits(tr.main, TINY + ['--init_from=resume', '--out_dir=nothing'])
+    os.makedirs('broken')
+    open('broken/ckpt.pt', 'wb').write(b'not a checkpoint')
+    assert 'corrupt' in exits(tr.main, TINY + ['--init_from=resume', '--out_dir=broken'])
+    run_train('--max_iters=2', '--eval_interval=2')
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), 'sample.py'), '--start=THE CAT'],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert "characters not in the vocabulary: 'A', 'C', 'E', 'H', 'T'" in r.stderr
+    def oom(cfg, quiet=False):
+        raise torch.OutOfMemoryError('CUDA out of memory')
+    monkeypatch.setattr(tr, 'train', oom)
+    assert '--batch_size' in exits(tr.main, TINY)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(workdir):
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), 'train.py')] + TINY + \
+          ['--max_iters=100000', '--eval_interval=100000']
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists('out/log.jsonl') and time.time() < deadline:  # step 0 evaluated: training
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(2)  # SIGINT, as Ctrl-C sends
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, out
+    step = tr.load_checkpoint('out/ckpt.pt')['iter_num']
+    assert step > 0 and f'saved step {step}' in out
+    assert not os.path.exists('out/ckpt.pt.tmp')
+    history = run_train(f'--max_iters={step + 2}', '--eval_interval=100000', '--init_from=resume')
+    assert history[-1]['iter'] == step + 2

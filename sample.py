@@ -1,0 +1,69 @@
+"""
+Sample from a trained model.
+
+$ python sample.py                                   # from out/ckpt.pt
+$ python sample.py --start="what is the secret number? " --num_samples=3
+$ python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_k=20
+"""
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import prepare_data
+from sisa import GPT, GPTConfig
+from train import clean_state_dict, load_checkpoint, parse_flags, pick_device
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = 'out'          # where ckpt.pt lies
+    start: str = '\n'             # the prompt, or FILE:path to read it from a file
+    num_samples: int = 3
+    max_new_tokens: int = 200
+    temperature: float = 0.8      # 0: always the most likely token
+    top_k: int = 0                # keep only the top k tokens (0: all)
+    seed: int = 1337
+    device: str = 'auto'
+    use_cache: bool = True        # cached decoding, one step per token (same tokens as without)
+
+
+def main(argv):
+    cfg = parse_flags(SampleConfig, argv, __doc__)
+    ckpt = load_checkpoint(f'{cfg.out_dir}/ckpt.pt')
+    device = pick_device(cfg)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(clean_state_dict(ckpt['model']))
+    model.eval().to(device)
+    encode, decode = prepare_data.get_tokenizer(ckpt['meta'])
+
+    start = cfg.start
+    if start.startswith('FILE:'):
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    ids = encode(start)
+    if not ids:
+        raise prepare_data.DataError('the prompt is empty')
+    if len(ids) > model.config.block_size:
+        print(f'note: the prompt has {len(ids)} tokens; the model sees the last {model.config.block_size}')
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    dtype = torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else None
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    torch.manual_seed(cfg.seed)
+    for _ in range(cfg.num_samples):
+        t0 = time.time()
+        with ctx:
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature,
+                               top_k=cfg.top_k or None, use_cache=cfg.use_cache)
+        print(decode(y[0].tolist()))
+        print(f'--------------- ({cfg.max_new_tokens / (time.time() - t0):.0f} tokens/s)')
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except prepare_data.DataError as e:
+        sys.exit(f'error: {e}')

@@ -1,0 +1,486 @@
+"""
+Train a small SISA model (or, with --attention=softmax, the parameter-matched Transformer).
+
+$ python train.py                                   # needle-in-a-haystack, offline, minutes on a laptop CPU
+$ python train.py --attention=softmax               # the same run with plain attention
+$ python train.py --dataset=shakespeare_char --block_size=256 --n_layer=6 --n_embd=384 --n_head=6
+$ python train.py --init_from=resume                # continue from out/ckpt.pt
+$ python train.py --compare=True                    # SISA vs Transformer, side by side (README: results)
+$ python train.py --benchmark=True                  # tokens/s of both models, as a ratio
+$ torchrun --standalone --nproc_per_node=4 train.py # several GPUs (DDP)
+
+Every setting below is a --name=value flag (python train.py --help); a config file in
+nanoGPT's style (python train.py config.py --flag=...) may set them too.
+"""
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import prepare_data
+from sisa import GPT, GPTConfig
+
+
+def opt(default, help):
+    return field(default=default, metadata={'help': help})
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = opt('out', 'checkpoint, log.jsonl and sample go here')
+    init_from: str = opt('scratch', "'scratch' or 'resume' (from out_dir/ckpt.pt)")
+    eval_interval: int = opt(250, 'evaluate every this many steps')
+    eval_iters: int = opt(10, 'batches per loss estimate')
+    eval_needles: int = opt(200, 'held-out needle prompts per evaluation')
+    always_save_checkpoint: bool = opt(True, 'save at every evaluation, not only when val loss improves')
+    # data
+    dataset: str = opt('needle', "folder under data/: 'needle' (prepared if missing), 'shakespeare_char', ...")
+    batch_size: int = opt(32, 'sequences per micro-step')
+    gradient_accumulation_steps: int = opt(1, 'micro-steps per optimizer step')
+    block_size: int = opt(128, 'context length (the needle documents are up to 128 characters)')
+    # model
+    n_layer: int = opt(2, 'layers')
+    n_head: int = opt(4, 'heads')
+    n_embd: int = opt(64, 'model width')
+    d_state: int = opt(16, 'SSM channel width per head (even)')
+    attention: str = opt('sisa', "'sisa' or 'softmax' (the parameter-matched Transformer)")
+    dropout: float = opt(0.0, 'dropout')
+    bias: bool = opt(False, 'bias in Linear layers')
+    # optimizer: AdamW, linear warmup then cosine decay
+    learning_rate: float = opt(3e-3, 'peak learning rate')
+    max_iters: int = opt(2000, 'optimizer steps')
+    weight_decay: float = opt(0.1, 'on 2-D weights only')
+    beta1: float = opt(0.9, 'AdamW beta1')
+    beta2: float = opt(0.95, 'AdamW beta2')
+    grad_clip: float = opt(1.0, 'clip the gradient norm at this value (0: off)')
+    warmup_iters: int = opt(100, 'linear warmup steps')
+    min_lr: float = opt(3e-4, 'learning rate at the end of the cosine')
+    # system
+    device: str = opt('auto', "'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'")
+    dtype: str = opt('auto', "'auto' (bf16 on CUDA, fp16 where bf16 is unsupported, else fp32), 'float32', 'bfloat16', 'float16'")
+    compile: str = opt('auto', "torch.compile: 'auto' (on CUDA), True or False")
+    seed: int = opt(1337, 'one seed for init and data order, so runs differ only in what you change')
+    sample_tokens: int = opt(120, 'tokens to sample at the end (0: none)')
+    # modes
+    compare: bool = opt(False, 'train SISA and softmax over several seeds and print a table')
+    seeds: int = opt(3, 'seeds for --compare')
+    benchmark: bool = opt(False, 'time training steps of SISA and softmax and print tokens/s')
+    benchmark_iters: int = opt(20, 'timed steps per model for --benchmark')
+
+
+def parse_flags(cls, argv, doc):
+    """--name=value flags (and optional config files) over the defaults of dataclass cls."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for arg in argv:
+        if arg in ('-h', '--help'):
+            print(doc)
+            for f in fields.values():
+                print(f'  --{f.name}={f.default!r:<14} {f.metadata.get("help", "")}')
+            sys.exit(0)
+        if not arg.startswith('--'):  # a config file in nanoGPT's style: python assignments
+            scope = {}
+            with open(arg) as fh:
+                exec(fh.read(), scope)
+            pairs = [(k, v) for k, v in scope.items() if not k.startswith('_')]
+        elif '=' not in arg:
+            sys.exit(f'error: flags are --name=value, got {arg!r}')
+        else:
+            pairs = [arg[2:].split('=', 1)]
+        for name, value in pairs:
+            if name not in fields:
+                close = difflib.get_close_matches(name, fields, n=1)
+                sys.exit(f'error: unknown flag --{name}' + (f' (did you mean --{close[0]}?)' if close else '')
+                         + f'; python {os.path.basename(sys.argv[0])} --help lists them')
+            values[name] = convert(name, value, type(fields[name].default))
+    return cls(**values)
+
+
+def convert(name, value, kind):
+    """A flag's text (or a config file's value) as the field's type, or exit with a message."""
+    if not isinstance(value, str):
+        if isinstance(value, kind) or (kind is float and isinstance(value, int)):
+            return kind(value)
+        sys.exit(f'error: {name} expects a {kind.__name__}, got {value!r}')
+    try:
+        if kind is bool:
+            if value.lower() not in ('true', 'false', '1', '0'):
+                raise ValueError
+            return value.lower() in ('true', '1')
+        return kind(value)
+    except ValueError:
+        sys.exit(f'error: --{name} expects a {kind.__name__}, got {value!r}')
+
+
+# -----------------------------------------------------------------------------
+# data: nanoGPT's uint16 memmaps; the needle set also has document starts and eval prompts
+
+class Data:
+    def __init__(self, cfg, rank=0):
+        self.dir = os.path.join('data', cfg.dataset)
+        if cfg.dataset == 'needle' and not os.path.exists(os.path.join(self.dir, 'meta.pkl')):
+            if rank == 0:
+                print('preparing the default needle dataset (python prepare_data.py)')
+                prepare_data.prepare_needle()
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+        if not os.path.exists(os.path.join(self.dir, 'train.bin')):
+            raise prepare_data.DataError(f'no dataset in {self.dir}; prepare it first with: '
+                                         f'python prepare_data.py --dataset={cfg.dataset}')
+        self.meta = prepare_data.load_meta(self.dir)
+        self.encode, self.decode = prepare_data.get_tokenizer(self.meta)
+        self.block_size, self.batch_size, self.seed = cfg.block_size, cfg.batch_size, cfg.seed
+        self.starts = {}
+        for split in ('train', 'val'):
+            n = len(self.memmap(split))
+            if n < cfg.block_size + 1:
+                raise prepare_data.DataError(f'{split}.bin holds {n} tokens: too few for block_size='
+                                             f'{cfg.block_size}; use a smaller --block_size')
+            path = os.path.join(self.dir, f'{split}_starts.bin')
+            if os.path.exists(path):  # needle: windows begin at a document's start
+                starts = np.fromfile(path, dtype=np.uint32).astype(np.int64)
+                self.starts[split] = starts[starts + cfg.block_size + 1 <= n]
+        path = os.path.join(self.dir, 'eval.json')
+        self.needles = json.load(open(path)) if os.path.exists(path) else None
+        if self.needles and self.meta['doc_len'] > cfg.block_size:
+            raise prepare_data.DataError(
+                f"documents of {cfg.dataset} are up to {self.meta['doc_len']} tokens but block_size is "
+                f"{cfg.block_size}: use --block_size={self.meta['doc_len']} or prepare shorter documents "
+                f"(python prepare_data.py --doc_len={cfg.block_size} --name=...)")
+
+    def memmap(self, split):
+        # a fresh memmap per batch: holding one open grows memory over a long run
+        return np.memmap(os.path.join(self.dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+    def batch(self, split, step, device, rank=0, stream=0):
+        """Batch `step` of `split`: the same for every run with this seed, whatever the model, and
+        again after a resume, because it is drawn from a generator seeded by (seed, stream, step, rank).
+        Evaluation draws from stream 1, so it never sees the training batches' windows by design."""
+        rng = np.random.default_rng([self.seed, stream, step, rank, split == 'val'])
+        data = self.memmap(split)
+        if split in self.starts:
+            ix = self.starts[split][rng.integers(len(self.starts[split]), size=self.batch_size)]
+        else:
+            ix = rng.integers(len(data) - self.block_size - 1, size=self.batch_size)
+        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix])
+        if device.type == 'cuda':
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def needle_accuracy(model, data, prompts, device, ctx, batch_size=100):
+    """Fraction of prompts whose greedy answer is exactly the secret number.
+
+    Greedy decoding gets every digit right iff, fed the true answer, the argmax is right at
+    every digit, so one batched forward of prompt + answer decides it (right-padded: the
+    model is causal, so padding after a sequence cannot change it).
+    """
+    correct = 0
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        seqs = [data.encode(p['prompt'] + p['answer']) for p in chunk]
+        L = max(map(len, seqs))
+        x = torch.zeros(len(seqs), L, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            x[r, :len(s)] = torch.tensor(s)
+        with ctx:
+            logits, _ = model(x.to(device), x.to(device))  # targets given: logits at every position
+        pred = logits.argmax(-1).cpu()
+        for r, (s, p) in enumerate(zip(seqs, chunk)):
+            n = len(data.encode(p['answer']))
+            correct += bool((pred[r, len(s) - n - 1:len(s) - 1] == torch.tensor(s[-n:])).all())
+    return correct / len(prompts)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, device, ctx):
+    """Train and val loss, needle accuracy, and SISA's diagnostics per layer."""
+    model.eval()
+    attns = [block.attn for block in model.transformer.h]
+    out = {}
+    for split in ('train', 'val'):
+        losses, chunked = [], []
+        for k in range(cfg.eval_iters):
+            for a in attns:
+                a.record_stats = split == 'val'
+            x, y = data.batch(split, k, device, stream=1)  # the same eval batches every time
+            with ctx:
+                _, loss = model(x, y)
+            losses.append(loss.item())
+            if split == 'val' and attns[0].sisa:
+                chunked.append([a.stats['chunked'] for a in attns])
+        out[f'{split}_loss'] = float(np.mean(losses))
+    for a in attns:
+        a.record_stats = False
+    if data.needles:
+        out['needle_acc'] = needle_accuracy(model, data, data.needles[:cfg.eval_needles], device, ctx)
+    if attns[0].sisa:  # lambda per head, mean decay half-life, how often the exact path chunked
+        out['layers'] = [dict(lam=[round(v, 4) for v in a.stats['lam']],
+                              half_life=round(float(np.mean(a.stats['half_life'])), 1),
+                              span=round(a.stats['span'], 1),
+                              chunked=float(np.mean([c[i] for c in chunked])))
+                         for i, a in enumerate(attns)]
+    model.train()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# system set-up
+
+def pick_device(cfg):
+    if cfg.device != 'auto':
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+def pick_dtype(cfg, device):
+    if cfg.dtype != 'auto':
+        return cfg.dtype
+    if device.type == 'cuda':
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    return 'float32'  # MPS and CPU: fp32
+
+
+def peak_flops(device, dtype):
+    """Dense peak FLOP/s for MFU, where we know it (bf16/fp16 tensor cores)."""
+    if device.type != 'cuda' or dtype == 'float32':
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12), ('4090', 165e12)]:
+        if key in name:
+            return flops
+    return None
+
+
+def lr_at(it, cfg):
+    """Linear warmup (never 0 at step 0), then cosine decay to min_lr at max_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    ratio = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def model_config(cfg, vocab_size):
+    return GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, d_state=cfg.d_state,
+                     attention=cfg.attention, dropout=cfg.dropout, bias=cfg.bias)
+
+
+def use_compile(cfg, device):
+    return device.type == 'cuda' if cfg.compile == 'auto' else convert('compile', cfg.compile, bool)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise prepare_data.DataError(f'no checkpoint at {path}; train one first with python train.py')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise prepare_data.DataError(f'the checkpoint at {path} is corrupt or incomplete ({type(e).__name__}: {e})')
+
+
+def clean_state_dict(state):
+    # a compiled model's keys carry an '_orig_mod.' prefix; strip it so any model loads them
+    return {k.removeprefix('_orig_mod.'): v for k, v in state.items()}
+
+
+def save_checkpoint(path, ckpt):
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint or the new one, never half of one
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def train(cfg, quiet=False):
+    """Train as cfg says; returns the list of evaluations (also appended to out_dir/log.jsonl)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:  # one process per GPU, started by torchrun
+        init_process_group(backend='nccl')
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        torch.cuda.set_device(device)
+        assert cfg.gradient_accumulation_steps % world == 0, 'gradient_accumulation_steps must divide by the GPU count'
+        cfg = dataclasses.replace(cfg, gradient_accumulation_steps=cfg.gradient_accumulation_steps // world)
+    else:
+        rank, world, device = 0, 1, pick_device(cfg)
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dtype = pick_dtype(cfg, device)
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device.type, dtype=ptdtype)
+    data = Data(cfg, rank)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+
+    # model and optimizer, fresh or from the checkpoint
+    iter_num, best_val_loss, ckpt = 0, float('inf'), None
+    if cfg.init_from == 'resume':
+        ckpt = load_checkpoint(ckpt_path)
+        gptconf = GPTConfig(**ckpt['model_args'])
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    elif cfg.init_from == 'scratch':
+        gptconf = model_config(cfg, data.meta['vocab_size'])
+    else:
+        sys.exit(f"error: --init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
+    model = GPT(gptconf)
+    if ckpt:
+        model.load_state_dict(clean_state_dict(ckpt['model']))
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    if ckpt:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # fp16 needs loss scaling; bf16 does not
+    raw_model = model
+    if use_compile(cfg, device):
+        try:
+            model = torch.compile(model)
+        except Exception as e:
+            print(f'warning: torch.compile unavailable ({type(e).__name__}), training uncompiled')
+    if ddp:
+        model = DDP(model, device_ids=[device.index])
+    tokens_per_iter = cfg.gradient_accumulation_steps * world * cfg.batch_size * cfg.block_size
+    flops_peak = peak_flops(device, dtype)
+    if master and not quiet:
+        print(f'{gptconf.attention}: {raw_model.get_num_params():,} parameters, {device} {dtype}, '
+              f'{tokens_per_iter:,} tokens per step, {"compiled" if model is not raw_model else "eager"}')
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, dict(model=clean_state_dict(raw_model.state_dict()),
+                                        optimizer=optimizer.state_dict(), model_args=dataclasses.asdict(gptconf),
+                                        iter_num=iter_num, best_val_loss=best_val_loss,
+                                        config=dataclasses.asdict(cfg), meta=data.meta))
+
+    # Ctrl-C: finish the step in flight, save, exit (never mid-update, never a half-written file)
+    stop = []
+    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(1)) if master and not ddp else None
+
+    history, log_path = [], os.path.join(cfg.out_dir, 'log.jsonl')
+    if cfg.init_from == 'scratch' and master and os.path.exists(log_path):
+        os.remove(log_path)
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or quiet, dynamic_ncols=True)
+    t0, tokens_seen = time.time(), 0
+    while True:
+        last = iter_num >= cfg.max_iters
+        if master and (iter_num % cfg.eval_interval == 0 or last) and not (ckpt and iter_num == ckpt['iter_num'] and not last):
+            ev = evaluate(raw_model, data, cfg, device, ctx)
+            ev = dict(iter=iter_num, lr=lr_at(iter_num, cfg), **ev, time=round(time.time() - t0, 1))
+            history.append(ev)
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(ev) + '\n')
+            if not quiet:
+                msg = f"step {iter_num}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}"
+                if 'needle_acc' in ev:
+                    msg += f", needle {ev['needle_acc']:.0%}"
+                if 'layers' in ev:
+                    msg += ', lambda ' + '/'.join(f"{np.mean(l['lam']):.2f}" for l in ev['layers'])
+                    msg += ', half-life ' + '/'.join(f"{l['half_life']:.0f}" for l in ev['layers'])
+                    msg += f", chunked {np.mean([l['chunked'] for l in ev['layers']]):.0%}"
+                bar.write(msg)
+            if ev['val_loss'] < best_val_loss or cfg.always_save_checkpoint:
+                best_val_loss = min(best_val_loss, ev['val_loss'])
+                if iter_num > 0:
+                    checkpoint()
+        if last or stop:
+            break
+
+        # one optimizer step: forward/backward over the micro-steps, clip, step
+        lr = lr_at(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for micro in range(cfg.gradient_accumulation_steps):
+            if ddp:  # sync gradients on the last micro-step only
+                model.require_backward_grad_sync = micro == cfg.gradient_accumulation_steps - 1
+            x, y = data.batch('train', iter_num * cfg.gradient_accumulation_steps + micro, device, rank)
+            with ctx:
+                _, loss = model(x, y)
+                loss = loss / cfg.gradient_accumulation_steps
+            scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        tokens_seen += tokens_per_iter
+        if master and (iter_num % 10 == 0 or iter_num == 1):
+            rate = tokens_seen / (time.time() - t0)
+            mfu = raw_model.estimate_mfu(rate / world, flops_peak)
+            bar.set_postfix(loss=f'{loss.item() * cfg.gradient_accumulation_steps:.4f}', tok_s=f'{rate:,.0f}',
+                            mfu='n/a' if mfu is None else f'{mfu:.1%}')
+        bar.update(1)
+    bar.close()
+    if stop:
+        checkpoint()
+        print(f'interrupted: saved step {iter_num} to {ckpt_path}; continue with --init_from=resume')
+    elif master and cfg.max_iters > 0:
+        checkpoint()
+    if old_handler is not None:
+        signal.signal(signal.SIGINT, old_handler)
+    if master and cfg.sample_tokens and not quiet and not stop:
+        print_sample(raw_model, data, device, ctx, cfg.sample_tokens)
+    if ddp:
+        destroy_process_group()
+    if stop:
+        sys.exit(130)
+    return history
+
+
+def print_sample(model, data, device, ctx, n):
+    model.eval()
+    start = data.needles[0]['prompt'] if data.needles else '\n'
+    idx = torch.tensor([data.encode(start)], device=device)[:, -model.config.block_size:]
+    with ctx:
+        out = model.generate(idx, n if not data.needles else len(data.needles[0]['answer']), temperature=0)
+    print('sample:\n' + data.decode(out[0].tolist()))
+    if data.needles:
+        print(f"(the secret number was {data.needles[0]['answer']})")
+
+
+def main(argv):
+    cfg = parse_flags(TrainConfig, argv, __doc__)
+    try:
+        if cfg.benchmark:
+            benchmark(cfg)
+        elif cfg.compare:
+            compare(cfg)
+        else:
+            train(cfg)
+    except prepare_data.DataError as e:
+        sys.exit(f'error: {e}')
+    except ValueError as e:  # bad model settings (sisa.GPTConfig)
+        sys.exit(f'error: {e}')
+    except torch.OutOfMemoryError:
+        sys.exit('error: out of GPU memory. Reduce --batch_size (and raise --gradient_accumulation_steps '
+                 'to keep the tokens per step), --block_size, or the model (--n_layer, --n_embd). '
+                 'The last checkpoint is untouched.')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
