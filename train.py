@@ -79,6 +79,7 @@ class TrainConfig:
     seeds: int = opt(3, 'seeds for --compare')
     benchmark: bool = opt(False, 'time training steps of SISA and softmax and print tokens/s')
     benchmark_iters: int = opt(20, 'timed steps per model for --benchmark')
+    vocab_size: int = opt(0, "vocabulary of --benchmark's random tokens (0: the dataset's)")
 
 
 def parse_flags(cls, argv, doc):
@@ -461,6 +462,136 @@ def print_sample(model, data, device, ctx, n):
     print('sample:\n' + data.decode(out[0].tolist()))
     if data.needles:
         print(f"(the secret number was {data.needles[0]['answer']})")
+
+
+# -----------------------------------------------------------------------------
+# --compare: SISA against the parameter-matched Transformer, same seeds, data and schedule
+
+def steps_to(history, level):
+    return next((h['iter'] for h in history if h.get('needle_acc', 0) >= level), None)
+
+
+def spread(values, fmt='{:.0f}'):
+    """'median [min, max]' over seeds; '-' marks a seed that never got there."""
+    if any(v is None for v in values):
+        got = sorted(v for v in values if v is not None)
+        return f"never ({len(got)}/{len(values)} seeds)" if not got else \
+            f"{len(got)}/{len(values)} seeds: {', '.join(fmt.format(v) for v in got)}"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f'{fmt.format(float(np.median(values)))} [{fmt.format(min(values))}, {fmt.format(max(values))}]'
+
+
+@torch.no_grad()
+def length_sweep(out_dir, data, cfg, lengths):
+    """Needle accuracy of a trained checkpoint at several document lengths (beyond training too)."""
+    device = pick_device(cfg)
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(clean_state_dict(ckpt['model']))
+    model.config.block_size = max(lengths)  # RoPE has no table: let it see longer inputs than it trained on
+    model.to(device).eval()
+    ctx = contextlib.nullcontext() if pick_dtype(cfg, device) == 'float32' else torch.autocast(device.type, dtype=torch.bfloat16)
+    n_digits = data.meta['n_digits']
+    return {L: needle_accuracy(model, data, prepare_data.needle_eval_set(cfg.eval_needles, cfg.seed + 2, L, n_digits),
+                               device, ctx) for L in lengths}
+
+
+def compare(cfg):
+    data = Data(cfg)
+    needle = data.needles is not None
+    lengths = [L for L in (cfg.block_size * f // 4 for f in (1, 2, 3, 4, 5, 6))
+               if L >= prepare_data.needle_min_len(data.meta.get('n_digits', 2))] if needle else []
+    runs = {'sisa': [], 'softmax': []}
+    bar = tqdm(total=2 * cfg.seeds, desc='compare')
+    for s in range(cfg.seeds):
+        for attention in runs:
+            run = dataclasses.replace(cfg, attention=attention, seed=cfg.seed + s, compare=False, sample_tokens=0,
+                                      init_from='scratch', out_dir=os.path.join(cfg.out_dir, f'{attention}_seed{s}'))
+            history = train(run, quiet=True)
+            sweep = length_sweep(run.out_dir, data, run, lengths) if needle else {}
+            runs[attention].append(dict(history=history, sweep=sweep))
+            bar.update(1)
+            bar.write(f"{attention} seed {cfg.seed + s}: val loss {history[-1]['val_loss']:.4f}"
+                      + (f", needle {history[-1]['needle_acc']:.0%}, first 100% at step {steps_to(history, 1.0)}"
+                         if needle else ''))
+    bar.close()
+    with open(os.path.join(cfg.out_dir, 'compare.json'), 'w') as f:
+        json.dump(dict(config=dataclasses.asdict(cfg), runs=runs), f)
+
+    steps = [h['iter'] for h in runs['sisa'][0]['history']]
+    marks = sorted({steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]})
+    rows = []
+    if needle:
+        rows += [(f'steps to {int(level * 100)}% needle', [spread([steps_to(r['history'], level) for r in runs[a]])
+                                                          for a in runs]) for level in (0.5, 0.9, 1.0)]
+        rows.append(('final needle accuracy', [spread([r['history'][-1]['needle_acc'] * 100 for r in runs[a]], '{:.1f}%')
+                                               for a in runs]))
+    for m in marks:
+        rows.append((f'val loss at step {m}', [spread([next(h['val_loss'] for h in r['history'] if h['iter'] == m)
+                                                        for r in runs[a]], '{:.4f}') for a in runs]))
+    for L in lengths:
+        rows.append((f'needle at length {L}' + (' (> block)' if L > cfg.block_size else ''),
+                     [spread([r['sweep'][L] * 100 for r in runs[a]], '{:.1f}%') for a in runs]))
+    print(f"\n{cfg.dataset}, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.max_iters} steps, {cfg.seeds} seeds "
+          f"(median [min, max])\n")
+    print(f"| {'':<30} | {'SISA':<28} | {'Transformer':<28} |\n|{'-' * 32}|{'-' * 30}|{'-' * 30}|")
+    for name, (a, b) in rows:
+        print(f'| {name:<30} | {a:<28} | {b:<28} |')
+
+
+# -----------------------------------------------------------------------------
+# --benchmark: training throughput of both models, side by side in one run
+
+def benchmark(cfg):
+    device = pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device.type, dtype=ptdtype)
+    vocab = cfg.vocab_size or Data(cfg).meta['vocab_size']
+    compiled = use_compile(cfg, device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    print(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), torch {torch.__version__}, '
+          f'{dtype}, {"compiled" if compiled else "eager"}, batch {cfg.batch_size} x {cfg.block_size}, vocab {vocab}')
+    results = {}
+    for attention in ('sisa', 'softmax'):
+        torch.manual_seed(cfg.seed)
+        model = GPT(model_config(dataclasses.replace(cfg, attention=attention), vocab)).to(device)
+        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+        run = torch.compile(model) if compiled else model
+        x = torch.randint(vocab, (cfg.batch_size, cfg.block_size), device=device)
+
+        def step():
+            with ctx:
+                _, loss = run(x, x)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(5):  # warm-up, compilation included
+            step()
+        sync()
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.time()
+        for _ in range(cfg.benchmark_iters):
+            step()
+        sync()
+        dt = (time.time() - t0) / cfg.benchmark_iters
+        tok_s = cfg.batch_size * cfg.block_size / dt
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
+        mfu = model.estimate_mfu(tok_s, peak_flops(device, dtype))
+        results[attention] = dict(params=model.get_num_params(), tok_s=tok_s, step_ms=dt * 1000, mem_gib=mem, mfu=mfu)
+        print(f"{attention:>8}: {model.get_num_params() / 1e6:.2f}M params, {tok_s:,.0f} tok/s, {dt * 1000:.1f} ms/step, "
+              f"peak {mem:.2f} GiB, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}")
+        del model, optimizer, run
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    s, t = results['sisa'], results['softmax']
+    print(f"SISA/Transformer: throughput {s['tok_s'] / t['tok_s']:.3f}x, memory {s['mem_gib'] / t['mem_gib']:.3f}x "
+          f"(MFU counts 6N + 6 n_layer n_head block_size (2 d_h + d_s) FLOPs per token; d_s = 0 for softmax)")
+    return results
 
 
 def main(argv):
