@@ -27,7 +27,7 @@ import tiktoken
 from tqdm import tqdm
 
 # needle defaults (each one is also a --flag)
-DOC_LEN = 128        # max characters per document, question, answer and '\n' included
+DOC_LEN = 64         # max characters per document, question, answer and '\n' included
 N_DIGITS = 2         # digits of the secret number
 N_TRAIN_DOCS = 20000
 N_VAL_DOCS = 1000
@@ -101,7 +101,7 @@ ADJECTIVES = ['red', 'big', 'wet', 'tiny', 'dull']
 OBJECTS = ['box', 'cup', 'hat', 'map', 'drum']
 INTRANSITIVE = ['naps', 'runs', 'sings', 'waits']
 NEEDLE = 'the secret number is {}.'
-QUESTION = 'what is the secret number? {}\n'   # the '\n' ends the document
+QUESTION = 'what is it? {}\n'   # the '\n' ends the document
 # every character the generator can write, so any prompt encodes, not only those that occurred
 NEEDLE_CHARS = sorted(set(''.join(SUBJECTS + VERBS + ADJECTIVES + OBJECTS + INTRANSITIVE)
                           + NEEDLE.format('') + QUESTION.format('') + '0123456789'))

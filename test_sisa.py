@@ -451,19 +451,18 @@ def test_needle_docs_fit_and_hold_exactly_one_needle():
             assert len(answer) == n_digits and answer.isdigit()
             assert text.count('the secret number is') == 1
             assert f'the secret number is {answer}.' in text
-            assert text.endswith(f'what is the secret number? {answer}\n')
+            assert text.endswith(f'what is it? {answer}\n')
             assert set(text) <= set(pd.NEEDLE_CHARS)
-        if doc_len >= 128: # at 64 only needle and question fit, so there is no haystack to vary
-            assert len({len(t) for t, _ in docs}) > 5 # lengths vary
-            assert len({t.index('the secret') for t, _ in docs}) > 5 # and so does the needle's place
+        assert len({len(t) for t, _ in docs}) > 5 # lengths vary
+        assert len({t.index('the secret') for t, _ in docs}) > 5 # and so does the needle's place
 
 def test_needle_doc_len_too_short_is_a_clear_error():
     with pytest.raises(DataError, match='too short'):
-        pd.make_needle_docs(1, seed=0, doc_len=40)
+        pd.make_needle_docs(1, seed=0, doc_len=39)
 
 def test_needle_eval_prompts_fill_doc_len_and_end_at_question():
     for item in pd.needle_eval_set(50, seed=3, doc_len=256):
-        assert item['prompt'].endswith('what is the secret number? ')
+        assert item['prompt'].endswith('what is it? ')
         assert f"the secret number is {item['answer']}." in item['prompt']
         assert 256 - pd.SHORTEST_SENTENCE - 1 < len(item['prompt']) + len(item['answer']) + 1 <= 256
 
