@@ -698,3 +698,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(workdir):
     assert not os.path.exists('out/ckpt.pt.tmp')
     history = run_train(f'--max_iters={step + 2}', '--eval_interval=100000', '--init_from=resume')
     assert history[-1]['iter'] == step + 2
+
+
+def test_training_goes_on_uncompiled_where_torch_compile_fails(workdir, monkeypatch, capsys):
+    def broken_compile(model):
+        def call(*args, **kwargs):
+            raise RuntimeError('no C++ compiler found')
+        return call
+    monkeypatch.setattr(tr.torch, 'compile', broken_compile)
+    history = run_train('--max_iters=2', '--eval_interval=2', '--compile=True')
+    assert history[-1]['iter'] == 2
+    assert 'warning: torch.compile failed (RuntimeError: no C++ compiler found)' in capsys.readouterr().out

@@ -61,7 +61,7 @@ class TrainConfig:
     bias: bool = opt(False, 'bias in Linear layers')
     # optimizer: AdamW, linear warmup then cosine decay
     learning_rate: float = opt(3e-3, 'peak learning rate')
-    max_iters: int = opt(3000, 'optimizer steps')
+    max_iters: int = opt(5000, 'optimizer steps')
     weight_decay: float = opt(0.0, 'on 2-D weights only (0 here: in tiny needle runs decay delayed retrieval)')
     beta1: float = opt(0.9, 'AdamW beta1')
     beta2: float = opt(0.95, 'AdamW beta2')
@@ -307,6 +307,22 @@ def clean_state_dict(state):
     return {k.removeprefix('_orig_mod.'): v for k, v in state.items()}
 
 
+def compiled_or_eager(model, batch, ctx):
+    """torch.compile(model), tried on one forward and backward, since compilation happens at the
+    first call; where it fails (Windows, some Pythons, MPS) training goes on uncompiled."""
+    try:
+        compiled = torch.compile(model)
+        with ctx:
+            _, loss = compiled(*batch)
+        loss.backward()
+        return compiled
+    except Exception as e:
+        print(f'warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); training uncompiled')
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
 def save_checkpoint(path, ckpt):
     tmp = path + '.tmp'
     torch.save(ckpt, tmp)
@@ -359,10 +375,7 @@ def train(cfg, quiet=False):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # fp16 needs loss scaling; bf16 does not
     raw_model = model
     if use_compile(cfg, device):
-        try:
-            model = torch.compile(model)
-        except Exception as e:
-            print(f'warning: torch.compile unavailable ({type(e).__name__}), training uncompiled')
+        model = compiled_or_eager(model, data.batch('train', 0, device, rank), ctx)
     if ddp:
         model = DDP(model, device_ids=[device.index])
     tokens_per_iter = cfg.gradient_accumulation_steps * world * cfg.batch_size * cfg.block_size
