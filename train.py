@@ -593,16 +593,17 @@ def benchmark(cfg):
         sync()
         dt = (time.time() - t0) / cfg.benchmark_iters
         tok_s = cfg.batch_size * cfg.block_size / dt
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
         mfu = model.estimate_mfu(tok_s, peak_flops(device, dtype))
         results[attention] = dict(params=model.get_num_params(), tok_s=tok_s, step_ms=dt * 1000, mem_gib=mem, mfu=mfu)
         print(f"{attention:>8}: {model.get_num_params() / 1e6:.2f}M params, {tok_s:,.0f} tok/s, {dt * 1000:.1f} ms/step, "
-              f"peak {mem:.2f} GiB, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}")
+              f"peak {'n/a' if mem is None else f'{mem:.2f} GiB'}, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}")
         del model, optimizer, run
         if device.type == 'cuda':
             torch.cuda.empty_cache()
     s, t = results['sisa'], results['softmax']
-    print(f"SISA/Transformer: throughput {s['tok_s'] / t['tok_s']:.3f}x, memory {s['mem_gib'] / t['mem_gib']:.3f}x "
+    memory = f"{s['mem_gib'] / t['mem_gib']:.3f}x" if s['mem_gib'] else 'n/a'
+    print(f"SISA/Transformer: throughput {s['tok_s'] / t['tok_s']:.3f}x, memory {memory} "
           f"(MFU counts 6N + 6 n_layer n_head block_size (2 d_h + d_s) FLOPs per token; d_s = 0 for softmax)")
     return results
 
