@@ -709,3 +709,12 @@ def test_training_goes_on_uncompiled_where_torch_compile_fails(workdir, monkeypa
     history = run_train('--max_iters=2', '--eval_interval=2', '--compile=True')
     assert history[-1]['iter'] == 2
     assert 'warning: torch.compile failed (RuntimeError: no C++ compiler found)' in capsys.readouterr().out
+
+
+def test_lambda_fixed_freezes_lambda_and_nothing_else(workdir):
+    run_train('--max_iters=3', '--eval_interval=3', '--lambda_fixed=True', '--out_dir=fixed')
+    state = final_weights('fixed')
+    init = GPT(tr.model_config(tr.parse_flags(tr.TrainConfig, TINY, ''), 36))
+    lam0 = init.transformer.h[0].attn.lambda_raw
+    assert torch.equal(state['transformer.h.0.attn.lambda_raw'], lam0)
+    assert not torch.equal(state['transformer.h.0.attn.a_bias'], init.transformer.h[0].attn.a_bias)

@@ -59,6 +59,7 @@ class TrainConfig:
     attention: str = opt('sisa', "'sisa' or 'softmax' (the parameter-matched Transformer)")
     dropout: float = opt(0.0, 'dropout')
     bias: bool = opt(False, 'bias in Linear layers')
+    lambda_fixed: bool = opt(False, 'SISA: freeze lambda at its init, 0.31 (ablation: fixed vs learned)')
     # optimizer: AdamW, linear warmup then cosine decay
     learning_rate: float = opt(3e-3, 'peak learning rate')
     max_iters: int = opt(5000, 'optimizer steps')
@@ -369,6 +370,10 @@ def train(cfg, quiet=False):
     if ckpt:
         model.load_state_dict(clean_state_dict(ckpt['model']))
     model.to(device)
+    if cfg.lambda_fixed:
+        for block in model.transformer.h:
+            if block.attn.sisa:
+                block.attn.lambda_raw.requires_grad_(False)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     if ckpt:
         optimizer.load_state_dict(ckpt['optimizer'])
