@@ -718,3 +718,14 @@ def test_lambda_fixed_freezes_lambda_and_nothing_else(workdir):
     lam0 = init.transformer.h[0].attn.lambda_raw
     assert torch.equal(state['transformer.h.0.attn.lambda_raw'], lam0)
     assert not torch.equal(state['transformer.h.0.attn.a_bias'], init.transformer.h[0].attn.a_bias)
+
+
+def test_resume_keeps_the_runs_settings_unless_a_flag_overrides_them(workdir):
+    run_train('--max_iters=3', '--eval_interval=3', '--learning_rate=0.02')
+    cfg = tr.parse_flags(tr.TrainConfig, ['--init_from=resume', '--max_iters=5', '--eval_interval=5',
+                                          '--device=cpu', '--sample_tokens=0'], '')
+    history = tr.train(cfg, quiet=True)
+    saved = tr.load_checkpoint('out/ckpt.pt')
+    assert saved['iter_num'] == 5 and [h['iter'] for h in history] == [5]
+    assert saved['config']['learning_rate'] == 0.02 and saved['config']['batch_size'] == 4  # from the run
+    assert saved['config']['eval_interval'] == 5 and saved['config']['max_iters'] == 5      # given now

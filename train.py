@@ -108,7 +108,9 @@ def parse_flags(cls, argv, doc):
                 sys.exit(f'error: unknown flag --{name}' + (f' (did you mean --{close[0]}?)' if close else '')
                          + f'; python {os.path.basename(sys.argv[0])} --help lists them')
             values[name] = convert(name, value, type(fields[name].default))
-    return cls(**values)
+    cfg = cls(**values)
+    cfg.given = frozenset(values)  # what the user set, which a resumed run keeps over the checkpoint's config
+    return cfg
 
 
 def convert(name, value, kind):
@@ -352,14 +354,18 @@ def train(cfg, quiet=False):
     dtype = pick_dtype(cfg, device)
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device.type, dtype=ptdtype)
+    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    ckpt = load_checkpoint(ckpt_path) if cfg.init_from == 'resume' else None
+    if ckpt:  # continue the same run: its dataset, model and settings, but for the flags given now
+        given = getattr(cfg, 'given', frozenset())
+        keep = {f.name for f in dataclasses.fields(cfg)} - given - {'init_from', 'out_dir', 'compare', 'benchmark'}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt['config'].items() if k in keep})
     data = Data(cfg, rank)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
 
     # model and optimizer, fresh or from the checkpoint
-    iter_num, best_val_loss, ckpt = 0, float('inf'), None
-    if cfg.init_from == 'resume':
-        ckpt = load_checkpoint(ckpt_path)
+    iter_num, best_val_loss = 0, float('inf')
+    if ckpt:
         gptconf = GPTConfig(**ckpt['model_args'])
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     elif cfg.init_from == 'scratch':
