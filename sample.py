@@ -41,8 +41,11 @@ def main(argv):
 
     start = cfg.start
     if start.startswith('FILE:'):
-        with open(start[5:], encoding='utf-8') as f:
-            start = f.read()
+        try:
+            with open(start[5:], encoding='utf-8') as f:
+                start = f.read()
+        except OSError as e:
+            raise prepare_data.DataError(f'cannot read the prompt file: {e}')
     ids = encode(start)
     if not ids:
         raise prepare_data.DataError('the prompt is empty')
