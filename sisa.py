@@ -28,12 +28,15 @@ Glossary of dimensions:
     V   vocabulary size
 """
 
+import importlib.util
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 # -----------------------------------------------------------------------------
@@ -56,7 +59,7 @@ def rotate(x, angle):
 
 def rope_angles(positions, head_dim, base=10000.0):
     """RoPE angles (l, head_dim // 2): position p turns pair m by p * base^(-2m / head_dim)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     return positions.float()[:, None] * inv_freq[None, :]
 
 
@@ -153,12 +156,40 @@ def sdpa(q, k, v, **kwargs):
     the CPU v gets zero columns, which add nothing to the output, dropped after.
     """
     d_v = v.size(-1)
+    if q.device.type == 'cuda' and kwargs.get('attn_mask') is not None:
+        # the chunks' boolean masks (width not a multiple of 8) came back NaN, or as "misaligned
+        # address", from the default CUDA dispatch; the memory-efficient kernel is exact on them
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
     if q.device.type == 'cpu' and q.size(-1) > d_v:
         return F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.size(-1) - d_v)), **kwargs)[..., :d_v]
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
+def fused_kernel(kernel, device, dropout_p=0.0):
+    """Whether sisa_attention runs sisa_kernel.py's fused kernel instead of the SDPA form.
+
+    'sdpa': never. 'auto': on CUDA where Triton is installed and dropout is off. 'triton':
+    always, and a clear error where it cannot run (CUDA, or the CPU under TRITON_INTERPRET=1,
+    Triton's interpreter, which the tests use): never a silent fallback.
+    """
+    if kernel not in ('auto', 'triton', 'sdpa'):
+        raise ValueError(f"kernel must be 'auto', 'triton' or 'sdpa', got {kernel!r}")
+    if kernel == 'sdpa':
+        return False
+    why = None
+    if importlib.util.find_spec('triton') is None:
+        why = 'Triton is not installed (it comes with PyTorch for CUDA on Linux)'
+    elif device.type != 'cuda' and not (kernel == 'triton' and os.environ.get('TRITON_INTERPRET') == '1'):
+        why = f'it runs on CUDA, not on {device.type}'
+    elif dropout_p > 0:
+        why = 'it has no attention dropout'
+    if why and kernel == 'triton':
+        raise ValueError(f"kernel='triton' cannot run here: {why}; use kernel='sdpa'")
+    return why is None
+
+
+def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='auto'):
     """softmax(q.k / sqrt(d_h) + lambda Cbar.Bbar + causal mask) v, via SDPA (Sec. 3.3).
 
     With s = d_h^(1/4) sqrt(lambda), Qhat = [q ; s Cbar] and Khat = [k ; s Bbar]:
@@ -170,16 +201,23 @@ def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
     depends on the last token, breaks causality. Then the queries are split into
     chunks that each fit, each chunk with its own offset: the cumulative decay at
     its first query. Keys from the far past underflow to 0, which is their true
-    weight. Each chunk is one SDPA call with a lower-right causal mask.
+    weight. Each chunk is one SDPA call with a lower-right causal mask, so a head
+    that forgets N nats per block costs about N / 80 calls: fine for the small blocks
+    of a CPU, slow for trained heads at block 1024 and more. On CUDA the fused kernel
+    (sisa_kernel.py, see fused_kernel) computes the same scores in one launch at any decay.
 
     Args:
         q, k, v: (b, h, l, d_h), RoPE already applied to q and k
         C, B, log_alpha, theta, lam: as importance_naive
+        kernel: 'auto', 'triton' or 'sdpa' (see fused_kernel)
     Returns:
         (b, h, l, d_h)
     """
     d_h = q.size(-1)
     g, RC, RB = ssm_channels(C, B, log_alpha, theta)
+    if fused_kernel(kernel, q.device, dropout_p):
+        from sisa_kernel import sisa_attention_fused  # imports Triton: only where it is used
+        return sisa_attention_fused(q, k, v, RC, RB, g, lam)
     s = d_h ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]  # (1, h, 1, 1)
     sRC, sRB = s * RC, s * RB
     limit = max_decay_span(q.dtype)
@@ -193,7 +231,7 @@ def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
 
     span = g[..., 0] - g[..., -1]  # (b, h); g never increases
     l = q.size(-2)
-    if span.max() <= limit:  # the common case: one call, the offset never bites
+    if q.device.type == 'meta' or span.max() <= limit:  # one call, the offset never bites (meta: no values, same shapes)
         c = ((g[..., 0] + g[..., -1]) / 2)[..., None, None]
         Qhat, Khat = channels(c, 0, l, l)
         return sdpa(Qhat, Khat, v, dropout_p=dropout_p, is_causal=True, scale=1 / math.sqrt(d_h))
@@ -226,10 +264,16 @@ class GPTConfig:
     attention: str = 'sisa'    # 'sisa' or 'softmax'
     dropout: float = 0.0
     bias: bool = False         # bias in Linear layers
+    d_ff: int = 0              # the Transformer's SwiGLU width (0: 8d/3); SISA shrinks its own to match
+    kernel: str = 'auto'       # SISA attention: 'auto', 'triton' or 'sdpa' (see fused_kernel)
 
     def __post_init__(self):
         if self.attention not in ('sisa', 'softmax'):
             raise ValueError(f"attention must be 'sisa' or 'softmax', got {self.attention!r}")
+        if self.kernel not in ('auto', 'triton', 'sdpa'):
+            raise ValueError(f"kernel must be 'auto', 'triton' or 'sdpa', got {self.kernel!r}")
+        if self.d_ff < 0:
+            raise ValueError(f"d_ff must be >= 0 (0: 8 n_embd / 3), got {self.d_ff}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if (self.n_embd // self.n_head) % 2 != 0:
@@ -245,11 +289,11 @@ class GPTConfig:
         return [h * d_s, h * d_s, h, h * d_s // 2]
 
     def ffn_hidden(self):
-        """SwiGLU width. The baseline uses 8d/3 (rounded to 8), the usual match for a 4d GELU MLP.
+        """SwiGLU width. The baseline uses d_ff, or 8d/3 (rounded to 8), the usual match for a 4d GELU MLP.
         SISA gives back what its SSM projections cost, so both models have the same size:
         2 d h d_s + d h + h + d h d_s / 2 + h per layer (W_B, W_C, w_a, b_a, W_theta, lambda)."""
         d = self.n_embd
-        d_ff = 8 * ((8 * d // 3 + 7) // 8)
+        d_ff = self.d_ff or 8 * ((8 * d // 3 + 7) // 8)
         ssm = sum(self.ssm_widths())
         if ssm:
             extra = d * ssm + (ssm if self.bias else 0) + 2 * self.n_head  # + b_a, lambda_raw
@@ -282,6 +326,7 @@ class CausalSelfAttention(nn.Module):
         self.d_state = config.d_state
         self.sisa = config.attention == 'sisa'
         self.dropout = config.dropout
+        self.kernel = config.kernel
         # one projection for q, k, v and (SISA) B, C, a, theta: one matmul instead of seven
         self.widths = [config.n_embd] * 3 + config.ssm_widths()
         self.c_attn = nn.Linear(config.n_embd, sum(self.widths), bias=config.bias)
@@ -329,7 +374,7 @@ class CausalSelfAttention(nn.Module):
                 self.record(log_alpha, lam, q.dtype)
             if cache is None:
                 y = sisa_attention(q, k, v, C, B, log_alpha, theta, lam,
-                                   dropout_p=self.dropout if self.training else 0.0)
+                                   dropout_p=self.dropout if self.training else 0.0, kernel=self.kernel)
             else:
                 y = self.cached_sisa(cache, q, k, v, C, B, log_alpha, theta, lam)
         y = y.transpose(1, 2).contiguous().view(b, l, d)
@@ -350,7 +395,7 @@ class CausalSelfAttention(nn.Module):
         always in range. The prompt (empty cache) goes through sisa_attention.
         """
         if 'len' not in cache:  # prefill
-            y = sisa_attention(q, k, v, C, B, log_alpha, theta, lam)
+            y = sisa_attention(q, k, v, C, B, log_alpha, theta, lam, kernel=self.kernel)
             g, _, RB = ssm_channels(C, B, log_alpha, theta)
             self.update_cache(cache, k=k, v=v, RB=RB)
             cache['g'], cache['phi_last'] = g, theta.float().sum(dim=2, keepdim=True)

@@ -1,0 +1,311 @@
+"""
+SISA attention as one fused Triton kernel: exact at any decay, no clamp, no chunks.
+
+sisa.py's `sisa_attention` is the reference: one SDPA call on [q ; s Cbar], [k ; s Bbar]
+with a single offset c. That offset must keep exp(g_i - c) and exp(c - g_j) inside the
+dtype, which holds about 80 nats; trained heads forget thousands of nats over a block of
+2048, and then the SDPA form has to split the queries into many chunks. This kernel
+walks key tiles like flash attention and picks an offset per pair of tiles, so every
+exponential it takes is at most 1 (read with sisa.py's docstring: same names):
+
+    score_ij = scale q_i . k_j + exp(g_i - g_j) C_i . B_j        (j <= i)
+
+with C_i = lambda R(Phi_i) C_i and B_j = R(Phi_j) B_j already rotated, g the cumulative
+log decay (non-increasing) and scale = 1 / sqrt(d_h).
+
+- A key tile wholly before the query tile (every j < every i): take c = g at the query
+  tile's first row, i0. Then exp(g_i - c) <= 1 for i >= i0 and exp(c - g_j) <= 1 for j < i0,
+  and exp(g_i - g_j) = exp(g_i - c) exp(c - g_j) is a product of two numbers <= 1: the
+  importance is one more matrix product, [q ; C exp(g - c)] . [k ; B exp(c - g)]. A factor
+  that underflows to 0 had a true weight below exp(-87): 0 is the right answer in fp32.
+- The tiles on the diagonal: exp(g_i - g_j) for j <= i, computed pairwise, at most 1.
+
+The backward pass is flash attention's, with the same two cases. The gradient of g needs no
+extra pass: score_ij depends on g_i and -g_j through the same term W_ij = exp(g_i - g_j) C_i.B_j,
+so dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it = C_t . dC_t - B_t . dB_t.
+
+`sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the
+SDPA form and to an fp64 evaluation of the score (on the CPU under TRITON_INTERPRET=1).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.nn import functional as F
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the hardware's instruction
+
+
+@triton.jit
+def _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
+    """score_ij in log2 units for a (rows, cols) tile, -inf where masked.
+
+    Off the diagonal, c and b arrive already multiplied by exp(g_i - c0) / scale and
+    exp(c0 - g_j) (both factors <= 1), so the importance shares q.k's accumulator."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if DIAGONAL:
+        decay = tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
+        imp = tl.dot(c, tl.trans(b), input_precision=PRECISION) * decay
+        s = (s * scale + imp) * LOG2E
+        keep = (j[None, :] <= i[:, None]) & (j[None, :] < L)
+    else:
+        s = tl.dot(c, tl.trans(b), s, input_precision=PRECISION) * (scale * LOG2E)
+        keep = j[None, :] < L
+    return tl.where(keep & (i[:, None] < L), s, float('-inf'))
+
+
+@triton.jit
+def _rows(X, rows, L, s_row, D: tl.constexpr):
+    """Load rows of a (l, D) slab (zeros past L)."""
+    return tl.load(X + rows[:, None] * s_row + tl.arange(0, D)[None, :], mask=rows[:, None] < L, other=0.0)
+
+
+@triton.jit
+def _forward(Q, K, V, C, B, G, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, H, L, scale,
+             DH: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous."""
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
+    bh = tl.program_id(1)
+    z, h = bh // H, bh % H
+    Q, K, V, O = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh, O + z * sob + h * soh
+    C, B, G, LSE = C + bh * L * DS, B + bh * L * DS, G + bh * L, LSE + bh * L
+    i = m0 + tl.arange(0, BLOCK_M)
+    q = _rows(Q, i, L, sql, DH)
+    c = _rows(C, i, L, DS, DS)
+    g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
+    c0 = tl.load(G + m0)  # the offset for every key tile before this query tile
+    c_off = (c.to(tl.float32) * (tl.exp2((g_q - c0) * LOG2E) / scale)[:, None]).to(q.dtype)
+
+    m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, DH], tl.float32)
+    for n0 in range(0, m0 + BLOCK_M, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
+        g_k = tl.load(G + j, mask=j < L, other=0.0)
+        if n0 + BLOCK_N <= m0:  # wholly in the past: offset c0, both factors <= 1
+            b_off = (b.to(tl.float32) * tl.exp2((c0 - g_k) * LOG2E)[:, None]).to(q.dtype)
+            s = _scores(q, k, c_off, b_off, g_q, g_k, scale, i, j, L, False, PRECISION)
+        else:                   # on the diagonal: pairwise decay
+            s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, True, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows past L see only -inf
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    d = tl.arange(0, DH)
+    tl.store(O + i[:, None] * sol + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=i[:, None] < L)
+    tl.store(LSE + i, m_i + tl.log2(l_i), mask=i < L)  # log2-sum-exp2 of the row's scores
+
+
+@triton.jit
+def _backward_dkdv(Q, K, V, C, B, G, DO, LSE, DELTA, DK, DV, DB, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+                   sdb, sdh, sdl, H, L, scale,
+                   DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: dk, dv, dB for BLOCK keys, walking the query tiles at and after them.
+    The offset for query tiles wholly after the keys is g at the tile's last key.
+    DO, DK, DV share the (b, h, l) strides sd*."""
+    n0 = tl.program_id(0) * BLOCK
+    bh = tl.program_id(1)
+    z, h = bh // H, bh % H
+    Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
+    DO, DK, DV = DO + z * sdb + h * sdh, DK + z * sdb + h * sdh, DV + z * sdb + h * sdh
+    C, B, DB, G = C + bh * L * DS, B + bh * L * DS, DB + bh * L * DS, G + bh * L
+    LSE, DELTA = LSE + bh * L, DELTA + bh * L
+    j = n0 + tl.arange(0, BLOCK)
+    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
+    g_k = tl.load(G + j, mask=j < L, other=0.0)
+    c0 = tl.load(G + tl.minimum(n0 + BLOCK, L) - 1)
+    key_factor = tl.exp2((c0 - g_k) * LOG2E)  # <= 1
+    b_off = (b.to(tl.float32) * key_factor[:, None]).to(k.dtype)
+
+    dk = tl.zeros([BLOCK, DH], tl.float32)
+    dv = tl.zeros([BLOCK, DH], tl.float32)
+    db_diag = tl.zeros([BLOCK, DS], tl.float32)
+    db_off = tl.zeros([BLOCK, DS], tl.float32)  # times key_factor * scale at the end
+    for m0 in range(n0, L, BLOCK):
+        i = m0 + tl.arange(0, BLOCK)
+        q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
+        g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
+        lse = tl.load(LSE + i, mask=i < L, other=0.0)
+        delta = tl.load(DELTA + i, mask=i < L, other=0.0)
+        if m0 == n0:
+            s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, True, PRECISION)
+        else:
+            c_off = (c.to(tl.float32) * (tl.exp2((g_q - c0) * LOG2E) / scale)[:, None]).to(q.dtype)
+            s = _scores(q, k, c_off, b_off, g_q, g_k, scale, i, j, L, False, PRECISION)
+        p = tl.exp2(s - lse[:, None])                                      # (queries, keys)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])                                     # dL/dscore_ij
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if m0 == n0:
+            decay = tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
+            db_diag += tl.dot(tl.trans((ds * decay).to(c.dtype)), c, input_precision=PRECISION)
+        else:
+            db_off += tl.dot(tl.trans(ds.to(c.dtype)), c_off, input_precision=PRECISION)
+    db = db_diag + db_off * (key_factor * scale)[:, None]  # c_off carried 1 / scale
+    d, e = tl.arange(0, DH), tl.arange(0, DS)
+    tl.store(DK + j[:, None] * sdl + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
+    tl.store(DV + j[:, None] * sdl + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
+    tl.store(DB + j[:, None] * DS + e[None, :], db, mask=j[:, None] < L)
+
+
+@triton.jit
+def _backward_dq(Q, K, V, C, B, G, DO, LSE, DELTA, DQ, DC, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+                 sdb, sdh, sdl, H, L, scale,
+                 DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: dq and dC for BLOCK queries, walking the key tiles at and before them.
+    The offset for key tiles wholly before the queries is g at the first query, as in _forward."""
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK
+    bh = tl.program_id(1)
+    z, h = bh // H, bh % H
+    Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
+    DO, DQ = DO + z * sdb + h * sdh, DQ + z * sdb + h * sdh
+    C, B, DC, G = C + bh * L * DS, B + bh * L * DS, DC + bh * L * DS, G + bh * L
+    LSE, DELTA = LSE + bh * L, DELTA + bh * L
+    i = m0 + tl.arange(0, BLOCK)
+    q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
+    g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
+    lse = tl.load(LSE + i, mask=i < L, other=0.0)
+    delta = tl.load(DELTA + i, mask=i < L, other=0.0)
+    c0 = tl.load(G + m0)
+    query_factor = tl.exp2((g_q - c0) * LOG2E)  # <= 1
+    c_off = (c.to(tl.float32) * (query_factor / scale)[:, None]).to(q.dtype)
+
+    dq = tl.zeros([BLOCK, DH], tl.float32)
+    dc_diag = tl.zeros([BLOCK, DS], tl.float32)
+    dc_off = tl.zeros([BLOCK, DS], tl.float32)  # times query_factor at the end
+    for n0 in range(0, m0 + BLOCK, BLOCK):
+        j = n0 + tl.arange(0, BLOCK)
+        k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
+        g_k = tl.load(G + j, mask=j < L, other=0.0)
+        b_off = (b.to(tl.float32) * tl.exp2(tl.minimum(c0 - g_k, 0.0) * LOG2E)[:, None]).to(q.dtype)  # off the diagonal
+        if n0 == m0:
+            s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, True, PRECISION)
+        else:
+            s = _scores(q, k, c_off, b_off, g_q, g_k, scale, i, j, L, False, PRECISION)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if n0 == m0:
+            decay = tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
+            dc_diag += tl.dot((ds * decay).to(b.dtype), b, input_precision=PRECISION)
+        else:
+            dc_off += tl.dot(ds.to(b.dtype), b_off, input_precision=PRECISION)
+    d, e = tl.arange(0, DH), tl.arange(0, DS)
+    tl.store(DQ + i[:, None] * sdl + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
+    tl.store(DC + i[:, None] * DS + e[None, :], dc_diag + dc_off * query_factor[:, None], mask=i[:, None] < L)
+
+
+# -----------------------------------------------------------------------------
+# The op: forward and backward registered with torch.library, so torch.compile sees one
+# opaque call (no graph break) and autograd knows its gradient.
+
+BLOCK_M, BLOCK_N, BLOCK_BWD = 64, 64, 64
+
+
+def _bhl(t):  # (batch, head, row) strides of a (b, h, l, d) tensor
+    assert t.stride(-1) == 1
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _empty_bhld(like):  # (b, h, l, d) laid out as (b, l, h, d): the model reshapes it to (b, l, h * d) next
+    b, h, l, d = like.shape
+    return torch.empty(b, l, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _meta(q, C, block):
+    precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
+    return dict(DH=q.size(-1), DS=C.size(-1), PRECISION=precision, num_warps=4, num_stages=2, **block)
+
+
+@torch.library.custom_op('nanosisa::attention', mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: torch.Tensor, B: torch.Tensor,
+               g: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, l, _ = q.shape
+    o = _empty_bhld(q)
+    lse = torch.empty(b, h, l, dtype=torch.float32, device=q.device)
+    _forward[(triton.cdiv(l, BLOCK_M), b * h)](
+        q, k, v, C, B, g, o, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(o), h, l, scale,
+        **_meta(q, C, dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)))
+    return o, lse
+
+
+@_attention.register_fake
+def _(q, k, v, C, B, g, scale):
+    return _empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op('nanosisa::attention_backward', mutates_args=())
+def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: torch.Tensor,
+                        B: torch.Tensor, g: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, l, _ = q.shape
+    dq, dk, dv = _empty_bhld(q), _empty_bhld(q), _empty_bhld(q)
+    do = do.transpose(1, 2).contiguous().transpose(1, 2)  # the same layout as dq, dk, dv
+    delta = (o.float() * do.float()).sum(-1)  # sum_j P_ij dP_ij = o_i . do_i
+    dC = torch.empty(C.shape, dtype=torch.float32, device=q.device)  # fp32: dg is read off them
+    dB = torch.empty(B.shape, dtype=torch.float32, device=q.device)
+    args = (q, k, v, C, B, g, do, lse, delta)
+    strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), h, l, scale)
+    meta = _meta(q, C, dict(BLOCK=BLOCK_BWD))
+    grid = (triton.cdiv(l, BLOCK_BWD), b * h)
+    _backward_dkdv[grid](*args, dk, dv, dB, *strides, **meta)
+    _backward_dq[grid](*args, dq, dC, *strides, **meta)
+    return dq, dk, dv, dC, dB
+
+
+@_attention_backward.register_fake
+def _(do, q, k, v, C, B, g, o, lse, scale):
+    return (_empty_bhld(q), _empty_bhld(q), _empty_bhld(q),
+            C.new_empty(C.shape, dtype=torch.float32), B.new_empty(B.shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, C, B, g, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, C, B, g, o, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, C, B, g, o, lse = ctx.saved_tensors
+    dq, dk, dv, dC, dB = _attention_backward(do, q, k, v, C, B, g, o, lse, ctx.scale)
+    dg = (C.float() * dC).sum(-1) - (B.float() * dB).sum(-1)  # C_t . dC_t - B_t . dB_t
+    return dq, dk, dv, dC.to(C.dtype), dB.to(B.dtype), dg, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _pad_to_pow2(x, least=16):
+    """Zero columns up to a power of two >= 16 (what tl.arange and tl.dot need): they add nothing to any dot."""
+    n = x.size(-1)
+    width = max(least, triton.next_power_of_2(n))
+    return x if width == n else F.pad(x, (0, width - n))
+
+
+def sisa_attention_fused(q, k, v, RC, RB, g, lam):
+    """softmax(q.k / sqrt(d_h) + lambda exp(g_i - g_j) RC_i . RB_j + causal mask) v in one kernel.
+
+    Args:
+        q, k, v: (b, h, l, d_h), RoPE applied; fp32, bf16 or fp16, on CUDA (or on the CPU
+            under TRITON_INTERPRET=1)
+        RC, RB: (b, h, l, d_s), R(Phi) C and R(Phi) B (sisa.ssm_channels)
+        g: (b, h, l), the cumulative log decay
+        lam: (h,), lambda
+    Returns:
+        (b, h, l, d_h)
+    """
+    d_h = q.size(-1)
+    C = (lam.float()[None, :, None, None] * RC.float()).to(q.dtype)
+    q, k, v, C, B = (_pad_to_pow2(t) for t in (q, k, v, C, RB.to(q.dtype)))
+    o, _ = _attention(q, k, v, C.contiguous(), B.contiguous(), g.float().contiguous(), 1.0 / math.sqrt(d_h))
+    return o[..., :d_h]
