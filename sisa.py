@@ -111,7 +111,7 @@ def max_decay_span(dtype):
     return math.log(torch.finfo(dtype).max) - 10 * math.log(2)
 
 
-def ssm_channels(C, B, log_alpha, theta):
+def ssm_channels(C, B, log_alpha, theta, cumsum=torch.cumsum):
     """The cumulative decay and rotation (Sec. 3.2), in fp32 (fp64 stays fp64).
 
     Returns:
@@ -119,8 +119,8 @@ def ssm_channels(C, B, log_alpha, theta):
         RC, RB: (b, h, l, d_s), R(Phi_t) C_t and R(Phi_t) B_t
     """
     dtype = torch.promote_types(C.dtype, torch.float32)
-    g = torch.cumsum(log_alpha.to(dtype), dim=-1)
-    phi = torch.cumsum(theta.to(dtype), dim=-2)
+    g = cumsum(log_alpha.to(dtype), dim=-1)
+    phi = cumsum(theta.to(dtype), dim=-2)
     return g, rotate(C.to(dtype), phi), rotate(B.to(dtype), phi)
 
 
@@ -166,6 +166,9 @@ def sdpa(q, k, v, **kwargs):
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+HAS_TRITON = importlib.util.find_spec('triton') is not None  # looked up once: torch.compile cannot trace it
+
+
 def fused_kernel(kernel, device, dropout_p=0.0):
     """Whether sisa_attention runs sisa_kernel.py's fused kernel instead of the SDPA form.
 
@@ -178,7 +181,7 @@ def fused_kernel(kernel, device, dropout_p=0.0):
     if kernel == 'sdpa':
         return False
     why = None
-    if importlib.util.find_spec('triton') is None:
+    if not HAS_TRITON:
         why = 'Triton is not installed (it comes with PyTorch for CUDA on Linux)'
     elif device.type != 'cuda' and not (kernel == 'triton' and os.environ.get('TRITON_INTERPRET') == '1'):
         why = f'it runs on CUDA, not on {device.type}'
@@ -214,10 +217,11 @@ def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='
         (b, h, l, d_h)
     """
     d_h = q.size(-1)
-    g, RC, RB = ssm_channels(C, B, log_alpha, theta)
     if fused_kernel(kernel, q.device, dropout_p):
-        from sisa_kernel import sisa_attention_fused  # imports Triton: only where it is used
-        return sisa_attention_fused(q, k, v, RC, RB, g, lam)
+        import sisa_kernel  # imports Triton: only where it is used
+        g, RC, RB = ssm_channels(C, B, log_alpha, theta, cumsum=sisa_kernel.cumsum)
+        return sisa_kernel.sisa_attention_fused(q, k, v, RC, RB, g, lam)
+    g, RC, RB = ssm_channels(C, B, log_alpha, theta)
     s = d_h ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]  # (1, h, 1, 1)
     sRC, sRB = s * RC, s * RB
     limit = max_decay_span(q.dtype)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the hardware's instruction
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): exp2 is the hardware instruction
 
 
 @triton.jit
@@ -48,11 +48,11 @@ def _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL: tl.constexpr, PRECIS
         decay = tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
         imp = tl.dot(c, tl.trans(b), input_precision=PRECISION) * decay
         s = (s * scale + imp) * LOG2E
-        keep = (j[None, :] <= i[:, None]) & (j[None, :] < L)
-    else:
+        keep = (j[None, :] <= i[:, None]) & (j[None, :] < L) & (i[:, None] < L)
+        s = tl.where(keep, s, float('-inf'))
+    else:  # every key is before every query and inside the sequence: nothing to mask
         s = tl.dot(c, tl.trans(b), s, input_precision=PRECISION) * (scale * LOG2E)
-        keep = j[None, :] < L
-    return tl.where(keep & (i[:, None] < L), s, float('-inf'))
+    return s
 
 
 @triton.jit
@@ -62,94 +62,121 @@ def _rows(X, rows, L, s_row, D: tl.constexpr):
 
 
 @triton.jit
+def _decayed(x, g, c0, post):
+    """x * exp(g - c0) * post, rows of x scaled, the exponent capped at 0 (it is <= 0 where used)."""
+    return (x.to(tl.float32) * (tl.exp2(tl.minimum(g - c0, 0.0) * LOG2E) * post)[:, None]).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# forward: one program per (query tile, batch x head); online softmax over key tiles
+
+@triton.jit
+def _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+                  DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    j = n0 + tl.arange(0, BLOCK_N)
+    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
+    g_k = tl.load(G + j, mask=j < L, other=0.0)
+    if not DIAGONAL:
+        b = _decayed(b, c0, g_k, 1.0)  # exp(c0 - g_j) <= 1
+    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows past L see only -inf
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _forward(Q, K, V, C, B, G, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, H, L, scale,
              DH: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              PRECISION: tl.constexpr):
-    """One program: BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous."""
+    """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
     Q, K, V, O = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh, O + z * sob + h * soh
     C, B, G, LSE = C + bh * L * DS, B + bh * L * DS, G + bh * L, LSE + bh * L
     i = m0 + tl.arange(0, BLOCK_M)
-    q = _rows(Q, i, L, sql, DH)
-    c = _rows(C, i, L, DS, DS)
+    q, c = _rows(Q, i, L, sql, DH), _rows(C, i, L, DS, DS)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
-    c0 = tl.load(G + m0)  # the offset for every key tile before this query tile
-    c_off = (c.to(tl.float32) * (tl.exp2((g_q - c0) * LOG2E) / scale)[:, None]).to(q.dtype)
+    c0 = tl.load(G + m0)                   # the offset for every key tile before this query tile
+    c_off = _decayed(c, g_q, c0, 1 / scale)  # exp(g_i - c0) <= 1; 1 / scale: shares q.k's accumulator
 
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, DH], tl.float32)
-    for n0 in range(0, m0 + BLOCK_M, BLOCK_N):
-        j = n0 + tl.arange(0, BLOCK_N)
-        k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
-        g_k = tl.load(G + j, mask=j < L, other=0.0)
-        if n0 + BLOCK_N <= m0:  # wholly in the past: offset c0, both factors <= 1
-            b_off = (b.to(tl.float32) * tl.exp2((c0 - g_k) * LOG2E)[:, None]).to(q.dtype)
-            s = _scores(q, k, c_off, b_off, g_q, g_k, scale, i, j, L, False, PRECISION)
-        else:                   # on the diagonal: pairwise decay
-            s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, True, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows past L see only -inf
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    for n0 in range(0, m0, BLOCK_N):                     # key tiles wholly in the past
+        acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+                                      DH, DS, BLOCK_N, False, PRECISION)
+    for n0 in range(m0, m0 + BLOCK_M, BLOCK_N):          # key tiles on the diagonal
+        acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+                                      DH, DS, BLOCK_N, True, PRECISION)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     d = tl.arange(0, DH)
     tl.store(O + i[:, None] * sol + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=i[:, None] < L)
     tl.store(LSE + i, m_i + tl.log2(l_i), mask=i < L)  # log2-sum-exp2 of the row's scores
 
 
+# -----------------------------------------------------------------------------
+# backward: dk, dv, dB per key tile (walking the queries after it), then dq, dC per query
+# tile (walking the keys before it). P is recomputed from the saved log-sum-exp.
+
+@triton.jit
+def _dkdv_step(dk, dv, db, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, c0, scale, j, m0, L,
+               DH: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr,
+               PRECISION: tl.constexpr):
+    i = m0 + tl.arange(0, BLOCK_M)
+    q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
+    g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
+    lse = tl.load(LSE + i, mask=i < L, other=0.0)
+    delta = tl.load(DELTA + i, mask=i < L, other=0.0)
+    if not DIAGONAL:
+        c = _decayed(c, g_q, c0, 1 / scale)  # exp(g_i - c0) <= 1
+    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
+    p = tl.exp2(s - lse[:, None])                                  # (queries, keys)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])                                 # dL/dscore_ij
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    if DIAGONAL:
+        ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
+    db += tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION)
+    return dk, dv, db
+
+
 @triton.jit
 def _backward_dkdv(Q, K, V, C, B, G, DO, LSE, DELTA, DK, DV, DB, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-                   sdb, sdh, sdl, H, L, scale,
-                   DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: dk, dv, dB for BLOCK keys, walking the query tiles at and after them.
-    The offset for query tiles wholly after the keys is g at the tile's last key.
-    DO, DK, DV share the (b, h, l) strides sd*."""
-    n0 = tl.program_id(0) * BLOCK
+                   sdb, sdh, sdl, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """BLOCK_N keys of one (batch, head), walking query tiles of BLOCK_M. DO, DK, DV share strides sd*.
+    The offset for query tiles wholly after the keys is g at the tile's last key."""
+    n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
     Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
     DO, DK, DV = DO + z * sdb + h * sdh, DK + z * sdb + h * sdh, DV + z * sdb + h * sdh
     C, B, DB, G = C + bh * L * DS, B + bh * L * DS, DB + bh * L * DS, G + bh * L
     LSE, DELTA = LSE + bh * L, DELTA + bh * L
-    j = n0 + tl.arange(0, BLOCK)
+    j = n0 + tl.arange(0, BLOCK_N)
     k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
     g_k = tl.load(G + j, mask=j < L, other=0.0)
-    c0 = tl.load(G + tl.minimum(n0 + BLOCK, L) - 1)
-    key_factor = tl.exp2((c0 - g_k) * LOG2E)  # <= 1
-    b_off = (b.to(tl.float32) * key_factor[:, None]).to(k.dtype)
-
-    dk = tl.zeros([BLOCK, DH], tl.float32)
-    dv = tl.zeros([BLOCK, DH], tl.float32)
-    db_diag = tl.zeros([BLOCK, DS], tl.float32)
-    db_off = tl.zeros([BLOCK, DS], tl.float32)  # times key_factor * scale at the end
-    for m0 in range(n0, L, BLOCK):
-        i = m0 + tl.arange(0, BLOCK)
-        q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
-        g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
-        lse = tl.load(LSE + i, mask=i < L, other=0.0)
-        delta = tl.load(DELTA + i, mask=i < L, other=0.0)
-        if m0 == n0:
-            s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, True, PRECISION)
-        else:
-            c_off = (c.to(tl.float32) * (tl.exp2((g_q - c0) * LOG2E) / scale)[:, None]).to(q.dtype)
-            s = _scores(q, k, c_off, b_off, g_q, g_k, scale, i, j, L, False, PRECISION)
-        p = tl.exp2(s - lse[:, None])                                      # (queries, keys)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])                                     # dL/dscore_ij
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        if m0 == n0:
-            decay = tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
-            db_diag += tl.dot(tl.trans((ds * decay).to(c.dtype)), c, input_precision=PRECISION)
-        else:
-            db_off += tl.dot(tl.trans(ds.to(c.dtype)), c_off, input_precision=PRECISION)
-    db = db_diag + db_off * (key_factor * scale)[:, None]  # c_off carried 1 / scale
+    c0 = tl.load(G + tl.minimum(n0 + BLOCK_N, L) - 1)
+    dk = tl.zeros([BLOCK_N, DH], tl.float32)
+    dv = tl.zeros([BLOCK_N, DH], tl.float32)
+    db = tl.zeros([BLOCK_N, DS], tl.float32)
+    for m0 in range(n0, n0 + BLOCK_N, BLOCK_M):     # query tiles on the diagonal
+        dk, dv, db = _dkdv_step(dk, dv, db, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, c0, scale, j, m0, L,
+                                DH, DS, BLOCK_M, True, PRECISION)
+    key_factor = tl.exp2(tl.minimum(c0 - g_k, 0.0) * LOG2E)  # exp(c0 - g_j) <= 1
+    b = (b.to(tl.float32) * key_factor[:, None]).to(b.dtype)
+    db_off = tl.zeros([BLOCK_N, DS], tl.float32)
+    for m0 in range(n0 + BLOCK_N, L, BLOCK_M):      # query tiles wholly after the keys
+        dk, dv, db_off = _dkdv_step(dk, dv, db_off, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, c0, scale, j,
+                                    m0, L, DH, DS, BLOCK_M, False, PRECISION)
+    db += db_off * (key_factor * scale)[:, None]    # the factors the decayed c and b carried
     d, e = tl.arange(0, DH), tl.arange(0, DS)
     tl.store(DK + j[:, None] * sdl + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
     tl.store(DV + j[:, None] * sdl + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
@@ -157,58 +184,70 @@ def _backward_dkdv(Q, K, V, C, B, G, DO, LSE, DELTA, DK, DV, DB, sqb, sqh, sql, 
 
 
 @triton.jit
+def _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+             DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
+             PRECISION: tl.constexpr):
+    j = n0 + tl.arange(0, BLOCK_N)
+    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
+    g_k = tl.load(G + j, mask=j < L, other=0.0)
+    if not DIAGONAL:
+        b = _decayed(b, c0, g_k, 1.0)  # exp(c0 - g_j) <= 1
+    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    if DIAGONAL:
+        ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
+    dc += tl.dot(ds.to(b.dtype), b, input_precision=PRECISION)
+    return dq, dc
+
+
+@triton.jit
 def _backward_dq(Q, K, V, C, B, G, DO, LSE, DELTA, DQ, DC, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-                 sdb, sdh, sdl, H, L, scale,
-                 DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: dq and dC for BLOCK queries, walking the key tiles at and before them.
+                 sdb, sdh, sdl, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N.
     The offset for key tiles wholly before the queries is g at the first query, as in _forward."""
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
     Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
     DO, DQ = DO + z * sdb + h * sdh, DQ + z * sdb + h * sdh
     C, B, DC, G = C + bh * L * DS, B + bh * L * DS, DC + bh * L * DS, G + bh * L
     LSE, DELTA = LSE + bh * L, DELTA + bh * L
-    i = m0 + tl.arange(0, BLOCK)
+    i = m0 + tl.arange(0, BLOCK_M)
     q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
     delta = tl.load(DELTA + i, mask=i < L, other=0.0)
     c0 = tl.load(G + m0)
-    query_factor = tl.exp2((g_q - c0) * LOG2E)  # <= 1
-    c_off = (c.to(tl.float32) * (query_factor / scale)[:, None]).to(q.dtype)
-
-    dq = tl.zeros([BLOCK, DH], tl.float32)
-    dc_diag = tl.zeros([BLOCK, DS], tl.float32)
-    dc_off = tl.zeros([BLOCK, DS], tl.float32)  # times query_factor at the end
-    for n0 in range(0, m0 + BLOCK, BLOCK):
-        j = n0 + tl.arange(0, BLOCK)
-        k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
-        g_k = tl.load(G + j, mask=j < L, other=0.0)
-        b_off = (b.to(tl.float32) * tl.exp2(tl.minimum(c0 - g_k, 0.0) * LOG2E)[:, None]).to(q.dtype)  # off the diagonal
-        if n0 == m0:
-            s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, True, PRECISION)
-        else:
-            s = _scores(q, k, c_off, b_off, g_q, g_k, scale, i, j, L, False, PRECISION)
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        if n0 == m0:
-            decay = tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
-            dc_diag += tl.dot((ds * decay).to(b.dtype), b, input_precision=PRECISION)
-        else:
-            dc_off += tl.dot(ds.to(b.dtype), b_off, input_precision=PRECISION)
+    dq = tl.zeros([BLOCK_M, DH], tl.float32)
+    dc = tl.zeros([BLOCK_M, DS], tl.float32)
+    for n0 in range(m0, m0 + BLOCK_M, BLOCK_N):     # key tiles on the diagonal
+        dq, dc = _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+                          DH, DS, BLOCK_N, True, PRECISION)
+    query_factor = tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)  # exp(g_i - c0) <= 1
+    c = (c.to(tl.float32) * (query_factor / scale)[:, None]).to(c.dtype)
+    dc_off = tl.zeros([BLOCK_M, DS], tl.float32)
+    for n0 in range(0, m0, BLOCK_N):                # key tiles wholly before the queries
+        dq, dc_off = _dq_step(dq, dc_off, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+                              DH, DS, BLOCK_N, False, PRECISION)
+    dc += dc_off * query_factor[:, None]            # the factor the decayed c carried (b's is in dc_off)
     d, e = tl.arange(0, DH), tl.arange(0, DS)
     tl.store(DQ + i[:, None] * sdl + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
-    tl.store(DC + i[:, None] * DS + e[None, :], dc_diag + dc_off * query_factor[:, None], mask=i[:, None] < L)
+    tl.store(DC + i[:, None] * DS + e[None, :], dc, mask=i[:, None] < L)
 
 
 # -----------------------------------------------------------------------------
 # The op: forward and backward registered with torch.library, so torch.compile sees one
 # opaque call (no graph break) and autograd knows its gradient.
 
-BLOCK_M, BLOCK_N, BLOCK_BWD = 64, 64, 64
+# Tile shapes, warps and pipeline stages per kernel, measured on one H100 (README: performance).
+# The tile along the walked axis divides the other: forward and dq walk keys, dkdv walks queries.
+CONFIG = dict(forward=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+              dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
+              dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3))
 
 
 def _bhl(t):  # (batch, head, row) strides of a (b, h, l, d) tensor
@@ -221,20 +260,21 @@ def _empty_bhld(like):  # (b, h, l, d) laid out as (b, l, h, d): the model resha
     return torch.empty(b, l, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _meta(q, C, block):
+def _launch(kernel, name, tiles, q, C, scale, *args):
+    """kernel[grid](*args) with CONFIG[name]; one program per tile of `tiles` rows, per batch x head."""
+    b, h, l, d_h = q.shape
+    config = CONFIG[name]
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
-    return dict(DH=q.size(-1), DS=C.size(-1), PRECISION=precision, num_warps=4, num_stages=2, **block)
+    kernel[(triton.cdiv(l, config[tiles]), b * h)](*args, h, l, scale, DH=d_h, DS=C.size(-1),
+                                                  PRECISION=precision, **config)
 
 
 @torch.library.custom_op('nanosisa::attention', mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: torch.Tensor, B: torch.Tensor,
                g: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    b, h, l, _ = q.shape
     o = _empty_bhld(q)
-    lse = torch.empty(b, h, l, dtype=torch.float32, device=q.device)
-    _forward[(triton.cdiv(l, BLOCK_M), b * h)](
-        q, k, v, C, B, g, o, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(o), h, l, scale,
-        **_meta(q, C, dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)))
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    _launch(_forward, 'forward', 'BLOCK_M', q, C, scale, q, k, v, C, B, g, o, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(o))
     return o, lse
 
 
@@ -247,18 +287,15 @@ def _(q, k, v, C, B, g, scale):
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: torch.Tensor,
                         B: torch.Tensor, g: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, h, l, _ = q.shape
     dq, dk, dv = _empty_bhld(q), _empty_bhld(q), _empty_bhld(q)
     do = do.transpose(1, 2).contiguous().transpose(1, 2)  # the same layout as dq, dk, dv
     delta = (o.float() * do.float()).sum(-1)  # sum_j P_ij dP_ij = o_i . do_i
     dC = torch.empty(C.shape, dtype=torch.float32, device=q.device)  # fp32: dg is read off them
     dB = torch.empty(B.shape, dtype=torch.float32, device=q.device)
     args = (q, k, v, C, B, g, do, lse, delta)
-    strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), h, l, scale)
-    meta = _meta(q, C, dict(BLOCK=BLOCK_BWD))
-    grid = (triton.cdiv(l, BLOCK_BWD), b * h)
-    _backward_dkdv[grid](*args, dk, dv, dB, *strides, **meta)
-    _backward_dq[grid](*args, dq, dC, *strides, **meta)
+    strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
+    _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, C, scale, *args, dk, dv, dB, *strides)
+    _launch(_backward_dq, 'dq', 'BLOCK_M', q, C, scale, *args, dq, dC, *strides)
     return dq, dk, dv, dC, dB
 
 
@@ -283,6 +320,22 @@ def _backward(ctx, do, dlse):
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op('nanosisa::cumsum', mutates_args=())
+def cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """torch.cumsum as an op torch.compile does not look into: inductor (torch 2.11) failed to
+    generate code for g's cumsum once the whole model step was one graph ("SplitScan")."""
+    return torch.cumsum(x, dim)
+
+
+@cumsum.register_fake
+def _(x, dim):
+    return torch.empty_like(x)
+
+
+cumsum.register_autograd(lambda ctx, grad: (cumsum(grad.flip(ctx.dim), ctx.dim).flip(ctx.dim), None),
+                         setup_context=lambda ctx, inputs, output: setattr(ctx, 'dim', inputs[1]))
 
 
 def _pad_to_pow2(x, least=16):
