@@ -326,12 +326,12 @@ _attention.register_autograd(_backward, setup_context=_setup_context)
 def cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """torch.cumsum as an op torch.compile does not look into: inductor (torch 2.11) failed to
     generate code for g's cumsum once the whole model step was one graph ("SplitScan")."""
-    return torch.cumsum(x, dim)
+    return torch.cumsum(x, dim).contiguous()
 
 
 @cumsum.register_fake
 def _(x, dim):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the real one
 
 
 cumsum.register_autograd(lambda ctx, grad: (cumsum(grad.flip(ctx.dim), ctx.dim).flip(ctx.dim), None),

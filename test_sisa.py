@@ -1,6 +1,11 @@
 """Tests are documentation: each name states a property of SISA or of the pipeline.
 
-Run: python -m pytest -q test_sisa.py   (CPU only)
+Run: python -m pytest -q test_sisa.py
+
+Tests that take the `device` fixture run on every device present: the CPU always, CUDA and
+MPS where available, so the same command on a GPU machine is the GPU test run. The fused
+Triton kernel (sisa_kernel.py) runs on CUDA, and on the CPU under Triton's interpreter
+(TRITON_INTERPRET=1, set below when there is no GPU; pip install triton).
 """
 import functools
 import hashlib
@@ -18,10 +23,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault('TRITON_INTERPRET', '1')  # must be set before Triton compiles the kernel
+
 import prepare_data as pd
 from prepare_data import DataError
-from sisa import (GPT, GPTConfig, importance, importance_naive, max_decay_span, rotate,
-                  sisa_attention)
+from sisa import (GPT, GPTConfig, HAS_TRITON, fused_kernel, importance, importance_naive, max_decay_span,
+                  rotate, sisa_attention)
+
+MPS = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
+DEVICES = ['cpu'] + ['cuda'] * CUDA + ['mps'] * MPS
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def kernels(device):
+    """The attention paths that run on device: the SDPA form everywhere, the fused kernel where Triton runs."""
+    return ['sdpa'] + ['triton'] * (HAS_TRITON and device.type in ('cuda', 'cpu'))
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
 
 
 def random_inputs(b, h, l, d_s, d_h=8, decay_bias=-5.0, dtype=torch.float64, seed=0):
@@ -318,6 +345,233 @@ def test_bad_config_and_input_raise_value_errors_naming_the_parameter():
     model = GPT(tiny_config())
     with pytest.raises(ValueError, match='block_size'):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# every device: exact at any decay, causal, cached, compiled, trainable
+
+def spanned_inputs(b, h, l, d_h, d_s, span, device, seed=0):
+    """Random inputs in fp64 whose cumulative decay spans exactly `span` nats in every sequence,
+    spread unevenly over the tokens; lambda from 0.1 to 3 across heads."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    q, k, v, C, B = r(b, h, l, d_h), r(b, h, l, d_h), r(b, h, l, d_h), r(b, h, l, d_s), r(b, h, l, d_s)
+    u = torch.rand(b, h, l, generator=g, dtype=torch.float64) + 0.5
+    log_alpha = -span * u / u.sum(-1, keepdim=True)
+    theta = 0.5 * r(b, h, l, d_s // 2)
+    lam = torch.linspace(0.1, 3.0, h, dtype=torch.float64)
+    return [t.to(device) for t in (q, k, v, C, B, log_alpha, theta, lam)]
+
+
+def check_against_fp64(device, kernel, dtype, b, h, l, d_h, d_s, span, tol, grad_tol):
+    """sisa_attention in dtype, forward and backward, against the fp64 score built pairwise
+    (reference_importance) on inputs rounded to dtype, so only the computation's error counts."""
+    x = spanned_inputs(b, h, l, d_h, d_s, span, device)
+    x = [t.to(dtype) for t in x[:-1]] + [x[-1].float()]
+    ref_device = device if device.type != 'mps' else torch.device('cpu')  # MPS has no fp64
+    xs = [t.clone().requires_grad_() for t in x]
+    xr = [t.detach().to(ref_device, torch.float64).requires_grad_() for t in x]
+    out = sisa_attention(*xs, kernel=kernel)
+    assert out.dtype == dtype and out.shape == (b, h, l, d_h) and out.isfinite().all()
+    w = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(ref_device)
+    (out.to(ref_device, torch.float64) * w).sum().backward()
+    ref = reference_attention(*xr[:3], reference_importance(*xr[3:]))
+    (ref * w).sum().backward()
+    rel = lambda a, e: ((a.to(e) - e).norm() / e.norm()).item()
+    assert rel(out.detach().to(ref_device, torch.float64), ref.detach()) < tol
+    grads = {name: (a.grad.to(ref_device, torch.float64), e.grad) for name, a, e in
+             zip(['q', 'k', 'v', 'C', 'B', 'log_alpha', 'theta', 'lam'], xs, xr)}
+    for name, (got, want) in grads.items():
+        assert got.isfinite().all(), name
+        if want.norm() == 0:  # l = 1: one key, the softmax is 1 whatever q, k, C, B, g say
+            assert got.abs().max() < grad_tol, name
+        elif name in ('log_alpha', 'theta'):
+            # dg_t = C_t.dC_t - B_t.dB_t (and dPhi likewise) is a difference of large terms that
+            # nearly cancel where heads forget fast: measure the error on the scale of those terms
+            scale = ((xr[3] * grads['C'][1]).norm() + (xr[4] * grads['B'][1]).norm()).item()
+            assert (got - want).norm().item() <= grad_tol * scale, name
+        else:
+            assert rel(got, want) < grad_tol, name
+
+
+TOLERANCES = {torch.float32: (1e-4, 2e-3), torch.bfloat16: (2e-2, 0.1), torch.float16: (5e-3, 3e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("span", [10.0, 350.0, 10000.0])
+def test_sisa_attention_is_exact_at_every_decay_in_every_dtype(device, dtype, span):
+    # 10 nats: one SDPA call holds it; 350 and 10,000: far beyond the ~80 (bf16, fp32) and ~4
+    # (fp16) nats one call holds, where the paper clamps and the SDPA form chunks.
+    # On CUDA at block 2048 with d_h 64, d_s 16; on the CPU small, at a length no tile divides.
+    for kernel in kernels(device):
+        if kernel == 'triton' and device.type == 'cpu' and dtype == torch.bfloat16:
+            continue  # Triton's interpreter computes in numpy, which has no bfloat16
+        if device.type == 'cuda':
+            l = 2048 if kernel == 'triton' else 512  # the SDPA form at 10,000 nats: one call per 2-80 nats
+            shape = dict(b=2, h=4, l=l, d_h=64, d_s=16)
+        else:
+            shape = dict(b=1, h=2, l=70, d_h=16, d_s=16)
+        check_against_fp64(device, kernel, dtype, span=span, tol=TOLERANCES[dtype][0],
+                           grad_tol=TOLERANCES[dtype][1], **shape)
+
+
+@pytest.mark.parametrize("d_s", [16, 32, 64])
+@pytest.mark.parametrize("l", [1, 97])
+def test_sisa_attention_is_exact_for_every_state_width_and_odd_lengths(device, d_s, l):
+    dtype = torch.float16 if device.type == 'cuda' else torch.float32
+    for kernel in kernels(device):
+        check_against_fp64(device, kernel, dtype, b=2, h=3, l=l if device.type != 'cuda' else 10 * l + 7,
+                           d_h=64 if device.type == 'cuda' else 16, d_s=d_s, span=3000.0,
+                           tol=TOLERANCES[dtype][0], grad_tol=TOLERANCES[dtype][1])
+
+
+def test_the_fused_kernel_runs_where_it_can_and_says_why_where_it_cannot(monkeypatch):
+    cpu = torch.device('cpu')
+    assert fused_kernel('sdpa', cpu) is False and fused_kernel('auto', cpu) is False  # auto: CUDA only
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    with pytest.raises(ValueError, match="kernel='triton' cannot run here: .*use kernel='sdpa'"):
+        fused_kernel('triton', cpu)
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match='dropout'):
+            fused_kernel('triton', torch.device('cuda'), dropout_p=0.1)
+        assert fused_kernel('auto', torch.device('cuda'), dropout_p=0.1) is False
+    with pytest.raises(ValueError, match='kernel'):
+        fused_kernel('flash', cpu)
+    with pytest.raises(ValueError, match='kernel'):
+        GPTConfig(kernel='flash')
+
+
+def test_the_model_runs_on_the_meta_device():
+    # every tensor the model makes for itself (RoPE angles, masks) follows the input's device:
+    # a CPU-made tensor here fails as it failed on CUDA
+    for attention in ('sisa', 'softmax'):
+        with torch.device('meta'):
+            model = GPT(tiny_config(attention=attention))
+        idx = torch.zeros(2, 16, dtype=torch.long, device='meta')
+        logits, loss = model(idx, idx)
+        assert logits.shape == (2, 16, 50) and loss.shape == ()
+
+
+def fast_model(device, kernel='auto', block_size=32, decay=2.0, **kw):
+    """fast_forgetting_model on device: about `decay` nats per token, data-dependent."""
+    model = fast_forgetting_model(block_size=block_size, kernel=kernel, **kw)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            if block.attn.sisa:
+                block.attn.a_bias.fill_(math.log(math.expm1(decay)))  # softplus(a_bias) = decay
+    return model.to(device)
+
+
+@pytest.mark.parametrize("attention", ["sisa", "softmax"])
+def test_changing_the_last_token_changes_no_earlier_logit_on_every_device(device, attention):
+    l = 1024 if device.type == 'cuda' else 32
+    kerns = kernels(device) if attention == 'sisa' else ['auto']
+    for kernel in kerns:
+        model = fast_model(device, kernel, block_size=l, attention=attention)
+        idx = torch.randint(0, 50, (2, l), generator=torch.Generator().manual_seed(0)).to(device)
+        other = idx.clone()
+        other[:, -1] = (idx[:, -1] + 1) % 50
+        with torch.no_grad():
+            a, _ = model(idx, idx)
+            b, _ = model(other, other)
+        assert torch.equal(a[:, :-1], b[:, :-1]), kernel  # not close: equal, the clamp's leak is gone
+        assert (a[:, -1] - b[:, -1]).abs().max() > 1e-4
+
+
+def test_cached_decoding_matches_the_full_forward_on_every_device(device):
+    l = 256 if device.type == 'cuda' else 32
+    for kernel in kernels(device):
+        model = fast_model(device, kernel, block_size=l)
+        idx = torch.randint(0, 50, (2, l), generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.no_grad():
+            full, _ = model(idx, idx)
+            cache = model.new_cache()
+            steps = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(5, l)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 4:], rtol=1e-4, atol=1e-4)
+
+
+def test_the_fused_kernel_and_the_sdpa_form_give_the_same_model(device):
+    if 'triton' not in kernels(device):
+        pytest.skip(f'no Triton kernel on {device.type}')
+    l, dtype = (512, torch.bfloat16) if device.type == 'cuda' else (40, None)
+    results = []
+    for kernel in ('triton', 'sdpa'):
+        model = fast_model(device, kernel, block_size=l, decay=1.0).train()
+        idx = torch.randint(0, 50, (2, l), generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            _, loss = model(idx, idx)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])))
+    (loss_t, grad_t), (loss_s, grad_s) = results
+    assert loss_t == pytest.approx(loss_s, rel=1e-2 if dtype else 1e-5)
+    assert ((grad_t - grad_s).norm() / grad_s.norm()).item() < (5e-2 if dtype else 1e-4)
+
+
+def test_a_model_step_on_the_fused_kernel_is_one_graph_for_torch_compile(device):
+    if 'triton' not in kernels(device):
+        pytest.skip(f'no Triton kernel on {device.type}')
+    torch._dynamo.reset()
+    model = fast_model(device, 'triton', block_size=32 if device.type == 'cpu' else 256)
+    idx = torch.randint(0, 50, (2, model.config.block_size), device=device)
+    explained = torch._dynamo.explain(model)(idx, idx)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+@pytest.mark.parametrize("attention", ["sisa", "softmax"])
+def test_one_compiled_training_step_equals_the_eager_one(device, attention):
+    # on the CPU the fused kernel runs interpreted, and the whole step is still one graph
+    kernel = kernels(device)[-1]
+    one_graph = attention == 'softmax' or kernel == 'triton'  # the SDPA form branches on the data
+    l, dtype = (1024, torch.bfloat16) if device.type == 'cuda' else (32, None)
+    torch._dynamo.reset()
+    steps = []
+    for compiled in (False, True):
+        model = fast_model(device, kernel, block_size=l, attention=attention, decay=1.0).train()
+        run = torch.compile(model, fullgraph=one_graph) if compiled else model
+        idx = torch.randint(0, 50, (4, l), generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            _, loss = run(idx, idx)
+        loss.backward()
+        steps.append((loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])))
+    (loss_e, grad_e), (loss_c, grad_c) = steps
+    assert math.isfinite(loss_c) and loss_c == pytest.approx(loss_e, rel=1e-2 if dtype else 1e-5)
+    assert ((grad_c - grad_e).norm() / grad_e.norm()).item() < (5e-2 if dtype else 1e-4)
+
+
+SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tinyshakespeare.txt')
+
+
+@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason=f'no tiny Shakespeare at {SHAKESPEARE}')
+def test_training_on_real_text_stays_finite_while_heads_forget_beyond_one_call(device):
+    text = open(SHAKESPEARE).read()
+    chars = sorted(set(text))
+    data = torch.tensor([chars.index(c) for c in text[:200_000]])
+    l, steps = (1024, 30) if device.type == 'cuda' else (128, 20)
+    cfg = GPTConfig(block_size=l, vocab_size=len(chars), n_layer=2, n_head=4, n_embd=64, d_state=16)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    for block in model.transformer.h:
+        block.attn.a_bias.data.fill_(1.0)  # 1.3 nats per token: 170 nats over 128 tokens, 1300 over 1024
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    dtype = torch.bfloat16 if device.type == 'cuda' else None
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(steps):
+        ix = torch.randint(len(data) - l - 1, (8,), generator=gen)
+        x = torch.stack([data[i:i + l] for i in ix]).to(device)
+        y = torch.stack([data[i + 1:i + 1 + l] for i in ix]).to(device)
+        for block in model.transformer.h:
+            block.attn.record_stats = step == steps - 1
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            _, loss = model(x, y)
+        loss.backward()
+        assert all(p.grad.isfinite().all() for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.5
+    spans = [block.attn.stats['span'] for block in model.transformer.h]
+    assert min(spans) > max_decay_span(torch.float32)  # still past what one SDPA call holds
 
 
 # =============================================================================
