@@ -43,7 +43,8 @@ def device(request):
 
 def kernels(device):
     """The attention paths that run on device: the SDPA form everywhere, the fused kernel where Triton runs."""
-    return ['sdpa'] + ['triton'] * (HAS_TRITON and device.type in ('cuda', 'cpu'))
+    interpreted = device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') == '1'
+    return ['sdpa'] + ['triton'] * (HAS_TRITON and (device.type == 'cuda' or interpreted))
 
 
 def sync(device):

@@ -57,6 +57,8 @@ class TrainConfig:
     n_embd: int = opt(64, 'model width')
     d_state: int = opt(4, 'SSM channel width per head (even; 4 at this tiny width: 16 would cost 62% of the FFN)')
     attention: str = opt('sisa', "'sisa' or 'softmax' (the parameter-matched Transformer)")
+    d_ff: int = opt(0, "the Transformer's SwiGLU width (0: 8 n_embd / 3); SISA's shrinks to match its size")
+    kernel: str = opt('auto', "SISA attention: 'auto' (fused Triton kernel on CUDA), 'triton' or 'sdpa'")
     dropout: float = opt(0.0, 'dropout')
     bias: bool = opt(False, 'bias in Linear layers')
     lambda_fixed: bool = opt(False, 'SISA: freeze lambda at its init, 0.31 (ablation: fixed vs learned)')
@@ -79,7 +81,8 @@ class TrainConfig:
     compare: bool = opt(False, 'train SISA and softmax over several seeds and print a table')
     seeds: int = opt(3, 'seeds for --compare')
     benchmark: bool = opt(False, 'time training steps of SISA and softmax and print tokens/s')
-    benchmark_iters: int = opt(20, 'timed steps per model for --benchmark')
+    benchmark_iters: int = opt(20, 'timed steps per model for --benchmark (in 5 windows; the median counts)')
+    benchmark_half_life: float = opt(0.0, "--benchmark: every SISA head's decay half-life in tokens (0: init, ~100)")
     vocab_size: int = opt(0, "vocabulary of --benchmark's random tokens (0: the dataset's)")
 
 
@@ -289,7 +292,8 @@ def lr_at(it, cfg):
 def model_config(cfg, vocab_size):
     return GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, n_embd=cfg.n_embd, d_state=cfg.d_state,
-                     attention=cfg.attention, dropout=cfg.dropout, bias=cfg.bias)
+                     attention=cfg.attention, dropout=cfg.dropout, bias=cfg.bias, d_ff=cfg.d_ff,
+                     kernel=cfg.kernel)
 
 
 def use_compile(cfg, device):
@@ -366,7 +370,7 @@ def train(cfg, quiet=False):
     # model and optimizer, fresh or from the checkpoint
     iter_num, best_val_loss = 0, float('inf')
     if ckpt:
-        gptconf = GPTConfig(**ckpt['model_args'])
+        gptconf = GPTConfig(**{**ckpt['model_args'], 'kernel': cfg.kernel})  # the kernel is where it runs
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     elif cfg.init_from == 'scratch':
         gptconf = model_config(cfg, data.meta['vocab_size'])
@@ -511,7 +515,7 @@ def length_sweep(out_dir, data, cfg, lengths):
     """Needle accuracy of a trained checkpoint at several document lengths (beyond training too)."""
     device = pick_device(cfg)
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-    model = GPT(GPTConfig(**ckpt['model_args']))
+    model = GPT(GPTConfig(**{**ckpt['model_args'], 'kernel': cfg.kernel}))
     model.load_state_dict(clean_state_dict(ckpt['model']))
     model.config.block_size = max(lengths)  # RoPE has no table: let it see longer inputs than it trained on
     model.to(device).eval()
@@ -568,55 +572,74 @@ def compare(cfg):
 # --benchmark: training throughput of both models, side by side in one run
 
 def benchmark(cfg):
+    """Each model is timed in a fresh process, so neither inherits the other's compilation
+    caches or allocator state: the figure is the one the model gets when timed alone."""
     device = pick_device(cfg)
-    dtype = pick_dtype(cfg, device)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    ctx = contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device.type, dtype=ptdtype)
     vocab = cfg.vocab_size or Data(cfg).meta['vocab_size']
-    compiled = use_compile(cfg, device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    half_life = f'half-life {cfg.benchmark_half_life:g} tokens' if cfg.benchmark_half_life else 'decays at init'
     print(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), torch {torch.__version__}, '
-          f'{dtype}, {"compiled" if compiled else "eager"}, batch {cfg.batch_size} x {cfg.block_size}, vocab {vocab}')
+          f'{pick_dtype(cfg, device)}, {"compiled" if use_compile(cfg, device) else "eager"}, batch {cfg.batch_size} x '
+          f'{cfg.block_size}, vocab {vocab}, SISA kernel {cfg.kernel}, {half_life}')
     results = {}
     for attention in ('sisa', 'softmax'):
-        torch.manual_seed(cfg.seed)
-        model = GPT(model_config(dataclasses.replace(cfg, attention=attention), vocab)).to(device)
-        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-        run = torch.compile(model) if compiled else model
-        x = torch.randint(vocab, (cfg.batch_size, cfg.block_size), device=device)
-
-        def step():
-            with ctx:
-                _, loss = run(x, x)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        for _ in range(5):  # warm-up, compilation included
-            step()
-        sync()
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.time()
-        for _ in range(cfg.benchmark_iters):
-            step()
-        sync()
-        dt = (time.time() - t0) / cfg.benchmark_iters
-        tok_s = cfg.batch_size * cfg.block_size / dt
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
-        mfu = model.estimate_mfu(tok_s, peak_flops(device, dtype))
-        results[attention] = dict(params=model.get_num_params(), tok_s=tok_s, step_ms=dt * 1000, mem_gib=mem, mfu=mfu)
-        print(f"{attention:>8}: {model.get_num_params() / 1e6:.2f}M params, {tok_s:,.0f} tok/s, {dt * 1000:.1f} ms/step, "
-              f"peak {'n/a' if mem is None else f'{mem:.2f} GiB'}, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}")
-        del model, optimizer, run
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
+        with torch.multiprocessing.get_context('spawn').Pool(1) as pool:
+            r = results[attention] = pool.apply(time_steps, (dataclasses.replace(cfg, attention=attention), vocab))
+        mem = 'n/a' if r['mem_gib'] is None else f"{r['mem_gib']:.2f} GiB"
+        mfu = 'n/a' if r['mfu'] is None else f"{r['mfu']:.1%}"
+        print(f"{attention:>8}: {r['params'] / 1e6:.2f}M params, {r['tok_s']:,.0f} tok/s, {r['step_ms']:.1f} ms/step "
+              f"(windows {r['windows']} ms), peak {mem}, MFU {mfu}")
     s, t = results['sisa'], results['softmax']
     memory = f"{s['mem_gib'] / t['mem_gib']:.3f}x" if s['mem_gib'] else 'n/a'
     print(f"SISA/Transformer: throughput {s['tok_s'] / t['tok_s']:.3f}x, memory {memory} "
           f"(MFU counts 6N + 6 n_layer n_head block_size (2 d_h + d_s) FLOPs per token; d_s = 0 for softmax)")
     return results
+
+
+def time_steps(cfg, vocab):
+    """Median time of full training steps (forward, backward, clipping, AdamW) of one model,
+    over 5 windows after 5 warm-up steps (compilation included). The learning rate is 0, so
+    the decays stay where they were set."""
+    device = pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device.type, dtype=ptdtype)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config(cfg, vocab)).to(device)
+    if cfg.benchmark_half_life and cfg.attention == 'sisa':
+        for block in model.transformer.h:  # w_a = 0 at init: every token decays by softplus(b_a)
+            block.attn.a_bias.data.fill_(math.log(math.expm1(math.log(2) / cfg.benchmark_half_life)))
+    optimizer = model.configure_optimizers(cfg.weight_decay, 0.0, (cfg.beta1, cfg.beta2), device.type)
+    run = torch.compile(model) if use_compile(cfg, device) else model
+    x = torch.randint(vocab, (cfg.batch_size, cfg.block_size), device=device)
+
+    def step():
+        with ctx:
+            _, loss = run(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    sync()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    windows = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(max(1, cfg.benchmark_iters // 5)):
+            step()
+        sync()
+        windows.append((time.perf_counter() - t0) / max(1, cfg.benchmark_iters // 5))
+    dt = float(np.median(windows))
+    tok_s = cfg.batch_size * cfg.block_size / dt
+    return dict(params=model.get_num_params(), tok_s=tok_s, step_ms=dt * 1000,
+                windows='/'.join(f'{w * 1000:.1f}' for w in windows),
+                mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None,
+                mfu=model.estimate_mfu(tok_s, peak_flops(device, dtype)))
 
 
 def main(argv):
