@@ -157,9 +157,9 @@ def sdpa(q, k, v, **kwargs):
     """
     d_v = v.size(-1)
     if q.device.type == 'cuda' and kwargs.get('attn_mask') is not None:
-        # the chunks' boolean masks (width not a multiple of 8) came back NaN, or as "misaligned
-        # address", from the default CUDA dispatch; the memory-efficient kernel is exact on them
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        # the chunks' masked calls came back NaN from the default CUDA dispatch, and "misaligned
+        # address" from the memory-efficient kernel (H100, torch 2.11): the math kernel is exact
+        with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
     if q.device.type == 'cpu' and q.size(-1) > d_v:
         return F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.size(-1) - d_v)), **kwargs)[..., :d_v]

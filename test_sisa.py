@@ -81,7 +81,7 @@ def reference_attention(q, k, v, A):
     q, k, v, A = q.double(), k.double(), v.double(), A.double()
     l = q.size(-2)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + A
-    scores = scores.masked_fill(~torch.ones(l, l, dtype=torch.bool).tril(), -math.inf)
+    scores = scores.masked_fill(~torch.ones(l, l, dtype=torch.bool, device=q.device).tril(), -math.inf)
     return scores.softmax(-1) @ v
 
 
