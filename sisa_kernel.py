@@ -13,16 +13,21 @@ exponential it takes is at most 1 (read with sisa.py's docstring: same names):
 with C_i = lambda R(Phi_i) C_i and B_j = R(Phi_j) B_j already rotated, g the cumulative
 log decay (non-increasing) and scale = 1 / sqrt(d_h).
 
-- A key tile wholly before the query tile (every j < every i): take c = g at the query
-  tile's first row, i0. Then exp(g_i - c) <= 1 for i >= i0 and exp(c - g_j) <= 1 for j < i0,
+The sequence is cut into blocks of BLOCK (64) tokens.
+- A key in an earlier block than the query (every j < every i): take c = g at the first row
+  i0 of the query's block. Then exp(g_i - c) <= 1 for i >= i0 and exp(c - g_j) <= 1 for j < i0,
   and exp(g_i - g_j) = exp(g_i - c) exp(c - g_j) is a product of two numbers <= 1: the
   importance is one more matrix product, [q ; C exp(g - c)] . [k ; B exp(c - g)]. A factor
   that underflows to 0 had a true weight below exp(-87): 0 is the right answer in fp32.
-- The tiles on the diagonal: exp(g_i - g_j) for j <= i, computed pairwise, at most 1.
+- A key in the query's own block: exp(g_i - g_j) for j <= i, computed pairwise, at most 1.
 
 The backward pass is flash attention's, with the same two cases. The gradient of g needs no
 extra pass: score_ij depends on g_i and -g_j through the same term W_ij = exp(g_i - g_j) C_i.B_j,
-so dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it = C_t . dC_t - B_t . dB_t.
+so dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it. The two sums nearly cancel where heads
+remember long (each pair (i, j) with t on neither side of it adds to both), so each kernel
+sums its side from the exact rounded products the scores used, and all three kernels take
+the same offset for a pair: then the pairs cancel to fp32 rounding. (Offsets picked per tile,
+different in each kernel, left 16-bit rounding in every pair: a 10x larger error in dL/dlog_alpha.)
 
 `sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the
 SDPA form and to an fp64 evaluation of the score (on the CPU under TRITON_INTERPRET=1).
@@ -125,16 +130,18 @@ def _forward(Q, K, V, C, B, G, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, s
 # tile (walking the keys before it). P is recomputed from the saved log-sum-exp.
 
 @triton.jit
-def _dkdv_step(dk, dv, db, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, c0, scale, j, m0, L,
-               DH: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, scale, j, m0, L,
+               DH: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
     i = m0 + tl.arange(0, BLOCK_M)
     q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
     delta = tl.load(DELTA + i, mask=i < L, other=0.0)
-    if not DIAGONAL:
+    if not DIAGONAL:  # the offset _forward took for these queries: g at the start of their block
+        c0 = tl.load(G + m0 - m0 % BLOCK_N)
         c = _decayed(c, g_q, c0, 1 / scale)  # exp(g_i - c0) <= 1
+        b = _decayed(b, c0, g_k, 1.0)        # exp(c0 - g_j) <= 1
     s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
     p = tl.exp2(s - lse[:, None])                                  # (queries, keys)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
@@ -143,44 +150,47 @@ def _dkdv_step(dk, dv, db, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, c0, 
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     if DIAGONAL:
         ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
-    db += tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION)
-    return dk, dv, db
+        db_step = tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION)
+        db += db_step
+    else:
+        db_step = tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION) * scale
+        db += db_step * tl.exp2(tl.minimum(c0 - g_k, 0.0) * LOG2E)[:, None]
+    dg += tl.sum(b.to(tl.float32) * db_step, 1)  # sum_i dS_ij W_ij, from the very products the scores used
+    return dk, dv, db, dg
 
 
 @triton.jit
-def _backward_dkdv(Q, K, V, C, B, G, DO, LSE, DELTA, DK, DV, DB, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+def _backward_dkdv(Q, K, V, C, B, G, DO, LSE, DELTA, DK, DV, DB, DGK, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
                    sdb, sdh, sdl, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """BLOCK_N keys of one (batch, head), walking query tiles of BLOCK_M. DO, DK, DV share strides sd*.
-    The offset for query tiles wholly after the keys is g at the tile's last key."""
+    BLOCK_N is _forward's BLOCK_M: the key tile is one block, and query tiles in later blocks
+    take the offset _forward took for them (g at their block's first row)."""
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
     Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
     DO, DK, DV = DO + z * sdb + h * sdh, DK + z * sdb + h * sdh, DV + z * sdb + h * sdh
     C, B, DB, G = C + bh * L * DS, B + bh * L * DS, DB + bh * L * DS, G + bh * L
-    LSE, DELTA = LSE + bh * L, DELTA + bh * L
+    LSE, DELTA, DGK = LSE + bh * L, DELTA + bh * L, DGK + bh * L
     j = n0 + tl.arange(0, BLOCK_N)
     k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
     g_k = tl.load(G + j, mask=j < L, other=0.0)
-    c0 = tl.load(G + tl.minimum(n0 + BLOCK_N, L) - 1)
     dk = tl.zeros([BLOCK_N, DH], tl.float32)
     dv = tl.zeros([BLOCK_N, DH], tl.float32)
     db = tl.zeros([BLOCK_N, DS], tl.float32)
+    dg = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(n0, n0 + BLOCK_N, BLOCK_M):     # query tiles on the diagonal
-        dk, dv, db = _dkdv_step(dk, dv, db, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, c0, scale, j, m0, L,
-                                DH, DS, BLOCK_M, True, PRECISION)
-    key_factor = tl.exp2(tl.minimum(c0 - g_k, 0.0) * LOG2E)  # exp(c0 - g_j) <= 1
-    b = (b.to(tl.float32) * key_factor[:, None]).to(b.dtype)
-    db_off = tl.zeros([BLOCK_N, DS], tl.float32)
+        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, scale, j, m0,
+                                    L, DH, DS, BLOCK_M, BLOCK_N, True, PRECISION)
     for m0 in range(n0 + BLOCK_N, L, BLOCK_M):      # query tiles wholly after the keys
-        dk, dv, db_off = _dkdv_step(dk, dv, db_off, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, c0, scale, j,
-                                    m0, L, DH, DS, BLOCK_M, False, PRECISION)
-    db += db_off * (key_factor * scale)[:, None]    # the factors the decayed c and b carried
+        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, scale, j, m0,
+                                    L, DH, DS, BLOCK_M, BLOCK_N, False, PRECISION)
     d, e = tl.arange(0, DH), tl.arange(0, DS)
     tl.store(DK + j[:, None] * sdl + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
     tl.store(DV + j[:, None] * sdl + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
-    tl.store(DB + j[:, None] * DS + e[None, :], db, mask=j[:, None] < L)
+    tl.store(DB + j[:, None] * DS + e[None, :], db.to(DB.dtype.element_ty), mask=j[:, None] < L)
+    tl.store(DGK + j, dg, mask=j < L)
 
 
 @triton.jit
@@ -204,7 +214,7 @@ def _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale,
 
 
 @triton.jit
-def _backward_dq(Q, K, V, C, B, G, DO, LSE, DELTA, DQ, DC, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+def _backward_dq(Q, K, V, C, B, G, DO, LSE, DELTA, DQ, DC, DGQ, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
                  sdb, sdh, sdl, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N.
@@ -215,7 +225,7 @@ def _backward_dq(Q, K, V, C, B, G, DO, LSE, DELTA, DQ, DC, sqb, sqh, sql, skb, s
     Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
     DO, DQ = DO + z * sdb + h * sdh, DQ + z * sdb + h * sdh
     C, B, DC, G = C + bh * L * DS, B + bh * L * DS, DC + bh * L * DS, G + bh * L
-    LSE, DELTA = LSE + bh * L, DELTA + bh * L
+    LSE, DELTA, DGQ = LSE + bh * L, DELTA + bh * L, DGQ + bh * L
     i = m0 + tl.arange(0, BLOCK_M)
     q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
@@ -227,16 +237,18 @@ def _backward_dq(Q, K, V, C, B, G, DO, LSE, DELTA, DQ, DC, sqb, sqh, sql, skb, s
     for n0 in range(m0, m0 + BLOCK_M, BLOCK_N):     # key tiles on the diagonal
         dq, dc = _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
                           DH, DS, BLOCK_N, True, PRECISION)
-    query_factor = tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)  # exp(g_i - c0) <= 1
-    c = (c.to(tl.float32) * (query_factor / scale)[:, None]).to(c.dtype)
+    dg = tl.sum(c.to(tl.float32) * dc, 1)          # sum_j dS_ij W_ij, from the very products the scores used
+    c = _decayed(c, g_q, c0, 1 / scale)             # exp(g_i - c0) <= 1, as in _forward
     dc_off = tl.zeros([BLOCK_M, DS], tl.float32)
     for n0 in range(0, m0, BLOCK_N):                # key tiles wholly before the queries
         dq, dc_off = _dq_step(dq, dc_off, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
                               DH, DS, BLOCK_N, False, PRECISION)
-    dc += dc_off * query_factor[:, None]            # the factor the decayed c carried (b's is in dc_off)
+    dg += tl.sum(c.to(tl.float32) * dc_off, 1) * scale
+    dc += dc_off * tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)[:, None]  # the factor c carried (b's is in dc_off)
     d, e = tl.arange(0, DH), tl.arange(0, DS)
     tl.store(DQ + i[:, None] * sdl + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
-    tl.store(DC + i[:, None] * DS + e[None, :], dc, mask=i[:, None] < L)
+    tl.store(DC + i[:, None] * DS + e[None, :], dc.to(DC.dtype.element_ty), mask=i[:, None] < L)
+    tl.store(DGQ + i, dg, mask=i < L)
 
 
 # -----------------------------------------------------------------------------
@@ -245,9 +257,11 @@ def _backward_dq(Q, K, V, C, B, G, DO, LSE, DELTA, DQ, DC, sqb, sqh, sql, skb, s
 
 # Tile shapes, warps and pipeline stages per kernel, measured on one H100 (README: performance).
 # The tile along the walked axis divides the other: forward and dq walk keys, dkdv walks queries.
-CONFIG = dict(forward=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-              dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
-              dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3))
+# The blocks that decide each pair's offset are BLOCK rows long in all three kernels (see _backward_dkdv).
+BLOCK = 64
+CONFIG = dict(forward=dict(BLOCK_M=BLOCK, BLOCK_N=64, num_warps=4, num_stages=3),
+              dkdv=dict(BLOCK_M=32, BLOCK_N=BLOCK, num_warps=4, num_stages=3),
+              dq=dict(BLOCK_M=BLOCK, BLOCK_N=32, num_warps=4, num_stages=3))
 
 
 def _bhl(t):  # (batch, head, row) strides of a (b, h, l, d) tensor
@@ -286,23 +300,25 @@ def _(q, k, v, C, B, g, scale):
 @torch.library.custom_op('nanosisa::attention_backward', mutates_args=())
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: torch.Tensor,
                         B: torch.Tensor, g: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
     dq, dk, dv = _empty_bhld(q), _empty_bhld(q), _empty_bhld(q)
     do = do.transpose(1, 2).contiguous().transpose(1, 2)  # the same layout as dq, dk, dv
     delta = (o.float() * do.float()).sum(-1)  # sum_j P_ij dP_ij = o_i . do_i
-    dC = torch.empty(C.shape, dtype=torch.float32, device=q.device)  # fp32: dg is read off them
-    dB = torch.empty(B.shape, dtype=torch.float32, device=q.device)
+    dC, dB = torch.empty_like(C), torch.empty_like(B)
+    # dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it: each sum from the kernel that walks it, in fp32
+    dg_query, dg_key = torch.empty_like(lse), torch.empty_like(lse)
     args = (q, k, v, C, B, g, do, lse, delta)
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
-    _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, C, scale, *args, dk, dv, dB, *strides)
-    _launch(_backward_dq, 'dq', 'BLOCK_M', q, C, scale, *args, dq, dC, *strides)
-    return dq, dk, dv, dC, dB
+    _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, C, scale, *args, dk, dv, dB, dg_key, *strides)
+    _launch(_backward_dq, 'dq', 'BLOCK_M', q, C, scale, *args, dq, dC, dg_query, *strides)
+    return dq, dk, dv, dC, dB, dg_query - dg_key
 
 
 @_attention_backward.register_fake
 def _(do, q, k, v, C, B, g, o, lse, scale):
-    return (_empty_bhld(q), _empty_bhld(q), _empty_bhld(q),
-            C.new_empty(C.shape, dtype=torch.float32), B.new_empty(B.shape, dtype=torch.float32))
+    return (_empty_bhld(q), _empty_bhld(q), _empty_bhld(q), torch.empty_like(C), torch.empty_like(B),
+            torch.empty_like(lse))
 
 
 def _setup_context(ctx, inputs, output):
@@ -314,9 +330,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, dlse):
     q, k, v, C, B, g, o, lse = ctx.saved_tensors
-    dq, dk, dv, dC, dB = _attention_backward(do, q, k, v, C, B, g, o, lse, ctx.scale)
-    dg = (C.float() * dC).sum(-1) - (B.float() * dB).sum(-1)  # C_t . dC_t - B_t . dB_t
-    return dq, dk, dv, dC.to(C.dtype), dB.to(B.dtype), dg, None
+    dq, dk, dv, dC, dB, dg = _attention_backward(do, q, k, v, C, B, g, o, lse, ctx.scale)
+    return dq, dk, dv, dC, dB, dg, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)

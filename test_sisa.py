@@ -416,6 +416,22 @@ def test_sisa_attention_is_exact_at_every_decay_in_every_dtype(device, dtype, sp
                            grad_tol=TOLERANCES[dtype][1], **shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradient_of_the_first_decay_is_zero(device, dtype):
+    # log_alpha_0 shifts every g_t by the same amount, and scores see only g_i - g_j: its gradient
+    # is exactly 0. It is the sum of dg_t = C_t.dC_t - B_t.dB_t over the sequence, where every
+    # pair (i, j) adds its term once with each sign: a kernel whose query and key sides round a
+    # pair differently leaves 16-bit noise from every pair here (and in every d log_alpha_t).
+    for kernel in kernels(device):
+        x = spanned_inputs(1, 2, 256, 16, 16, 10.0, device)  # long memory: every pair weighs
+        x = [t.to(dtype).requires_grad_() for t in x[:-1]] + [x[-1].float()]
+        out = sisa_attention(*x, kernel=kernel)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        (out * w).sum().backward()
+        grad = x[5].grad.float()
+        assert grad[..., 0].abs().max() < 1e-3 * grad.abs().mean(), kernel
+
+
 @pytest.mark.parametrize("d_s", [16, 32, 64])
 @pytest.mark.parametrize("l", [1, 97])
 def test_sisa_attention_is_exact_for_every_state_width_and_odd_lengths(device, d_s, l):
