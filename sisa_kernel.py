@@ -260,8 +260,8 @@ def _backward_dq(Q, K, V, C, B, G, DO, LSE, DELTA, DQ, DC, DGQ, sqb, sqh, sql, s
 # The blocks that decide each pair's offset are BLOCK rows long in all three kernels (see _backward_dkdv).
 BLOCK = 64
 CONFIG = dict(forward=dict(BLOCK_M=BLOCK, BLOCK_N=64, num_warps=4, num_stages=3),
-              dkdv=dict(BLOCK_M=32, BLOCK_N=BLOCK, num_warps=4, num_stages=3),
-              dq=dict(BLOCK_M=BLOCK, BLOCK_N=32, num_warps=4, num_stages=3))
+              dkdv=dict(BLOCK_M=64, BLOCK_N=BLOCK, num_warps=4, num_stages=3),
+              dq=dict(BLOCK_M=BLOCK, BLOCK_N=64, num_warps=4, num_stages=3))
 
 
 def _bhl(t):  # (batch, head, row) strides of a (b, h, l, d) tensor
@@ -283,9 +283,15 @@ def _launch(kernel, name, tiles, q, C, scale, *args):
                                                   PRECISION=precision, **config)
 
 
+def _channels(RC, RB, lam, dtype):
+    """The kernel's C = lambda RC and B = RB: rounded to the attention's dtype, contiguous."""
+    return (lam.float()[None, :, None, None] * RC.float()).to(dtype).contiguous(), RB.to(dtype).contiguous()
+
+
 @torch.library.custom_op('nanosisa::attention', mutates_args=())
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: torch.Tensor, B: torch.Tensor,
-               g: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, RC: torch.Tensor, RB: torch.Tensor,
+               g: torch.Tensor, lam: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    C, B = _channels(RC, RB, lam, q.dtype)
     o = _empty_bhld(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     _launch(_forward, 'forward', 'BLOCK_M', q, C, scale, q, k, v, C, B, g, o, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(o))
@@ -293,64 +299,74 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: torch.Tenso
 
 
 @_attention.register_fake
-def _(q, k, v, C, B, g, scale):
+def _(q, k, v, RC, RB, g, lam, scale):
     return _empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op('nanosisa::attention_backward', mutates_args=())
-def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: torch.Tensor,
-                        B: torch.Tensor, g: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, RC: torch.Tensor,
+                        RB: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                               torch.Tensor]:
+                                               torch.Tensor, torch.Tensor]:
+    C, B = _channels(RC, RB, lam, q.dtype)
     dq, dk, dv = _empty_bhld(q), _empty_bhld(q), _empty_bhld(q)
     do = do.transpose(1, 2).contiguous().transpose(1, 2)  # the same layout as dq, dk, dv
     delta = (o.float() * do.float()).sum(-1)  # sum_j P_ij dP_ij = o_i . do_i
-    dC, dB = torch.empty_like(C), torch.empty_like(B)
+    # fp32: dlambda and dPhi are sums over the whole sequence of terms that nearly cancel
+    dC = torch.empty(C.shape, dtype=torch.float32, device=q.device)
+    dB = torch.empty(B.shape, dtype=torch.float32, device=q.device)
     # dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it: each sum from the kernel that walks it, in fp32
     dg_query, dg_key = torch.empty_like(lse), torch.empty_like(lse)
     args = (q, k, v, C, B, g, do, lse, delta)
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
     _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, C, scale, *args, dk, dv, dB, dg_key, *strides)
     _launch(_backward_dq, 'dq', 'BLOCK_M', q, C, scale, *args, dq, dC, dg_query, *strides)
-    return dq, dk, dv, dC, dB, dg_query - dg_key
+    dRC = (lam.float()[None, :, None, None] * dC).to(RC.dtype)
+    dlam = (RC.float() * dC).sum((0, 2, 3)).to(lam.dtype)
+    return dq, dk, dv, dRC, dB.to(RB.dtype), dg_query - dg_key, dlam
 
 
 @_attention_backward.register_fake
-def _(do, q, k, v, C, B, g, o, lse, scale):
-    return (_empty_bhld(q), _empty_bhld(q), _empty_bhld(q), torch.empty_like(C), torch.empty_like(B),
-            torch.empty_like(lse))
+def _(do, q, k, v, RC, RB, g, lam, o, lse, scale):
+    return (_empty_bhld(q), _empty_bhld(q), _empty_bhld(q), torch.empty_like(RC), torch.empty_like(RB),
+            torch.empty_like(lse), torch.empty_like(lam))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, C, B, g, scale = inputs
+    q, k, v, RC, RB, g, lam, scale = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, C, B, g, o, lse)
+    ctx.save_for_backward(q, k, v, RC, RB, g, lam, o, lse)
     ctx.scale = scale
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, C, B, g, o, lse = ctx.saved_tensors
-    dq, dk, dv, dC, dB, dg = _attention_backward(do, q, k, v, C, B, g, o, lse, ctx.scale)
-    return dq, dk, dv, dC, dB, dg, None
+    return *_attention_backward(do, *ctx.saved_tensors, ctx.scale), None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op('nanosisa::cumsum', mutates_args=())
-def cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """torch.cumsum as an op torch.compile does not look into: inductor (torch 2.11) failed to
-    generate code for g's cumsum once the whole model step was one graph ("SplitScan")."""
-    return torch.cumsum(x, dim).contiguous()
+def cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
+    """torch.cumsum (reverse: from the end) as an op torch.compile does not look into: inductor
+    (torch 2.11) failed to generate code for g's cumsum once the whole model step was one graph
+    ("SplitScan"). It scans along a contiguous last axis: theta's axis of time is not last,
+    and a scan along it runs one thread per column (8 of them per head) down 2048 rows."""
+    y = x.movedim(dim, -1)
+    y = y.flip(-1) if reverse else y.contiguous()
+    y = torch.cumsum(y, -1)
+    y = y.flip(-1) if reverse else y
+    return y.movedim(-1, dim).contiguous()
 
 
 @cumsum.register_fake
-def _(x, dim):
+def _(x, dim, reverse=False):
     return x.new_empty(x.shape)  # contiguous, as the real one
 
 
-cumsum.register_autograd(lambda ctx, grad: (cumsum(grad.flip(ctx.dim), ctx.dim).flip(ctx.dim), None),
-                         setup_context=lambda ctx, inputs, output: setattr(ctx, 'dim', inputs[1]))
+cumsum.register_autograd(lambda ctx, grad: (cumsum(grad, ctx.dim, not ctx.reverse), None, None),
+                         setup_context=lambda ctx, inputs, output: ctx.__dict__.update(dim=inputs[1],
+                                                                                       reverse=inputs[2]))
 
 
 def _pad_to_pow2(x, least=16):
@@ -373,7 +389,6 @@ def sisa_attention_fused(q, k, v, RC, RB, g, lam):
         (b, h, l, d_h)
     """
     d_h = q.size(-1)
-    C = (lam.float()[None, :, None, None] * RC.float()).to(q.dtype)
-    q, k, v, C, B = (_pad_to_pow2(t) for t in (q, k, v, C, RB.to(q.dtype)))
-    o, _ = _attention(q, k, v, C.contiguous(), B.contiguous(), g.float().contiguous(), 1.0 / math.sqrt(d_h))
+    q, k, v, RC, RB = (_pad_to_pow2(t) for t in (q, k, v, RC, RB))
+    o, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam, 1.0 / math.sqrt(d_h))
     return o[..., :d_h]

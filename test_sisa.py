@@ -458,6 +458,21 @@ def test_the_fused_kernel_runs_where_it_can_and_says_why_where_it_cannot(monkeyp
         GPTConfig(kernel='flash')
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="sisa_kernel.py needs Triton (pip install triton)")
+def test_the_kernel_paths_cumsum_is_torch_cumsum_either_way_along_any_axis(device):
+    import sisa_kernel
+    x = torch.randn(2, 3, 50, 8, dtype=torch.float32, device=device).requires_grad_()
+    for dim in (-2, -1, 1):
+        for reverse in (False, True):
+            y = sisa_kernel.cumsum(x, dim, reverse)
+            want = x.flip(dim).cumsum(dim).flip(dim) if reverse else x.cumsum(dim)
+            assert y.is_contiguous() and torch.allclose(y, want, atol=1e-5)
+            w = torch.randn_like(y)
+            got_grad, = torch.autograd.grad((y * w).sum(), x)
+            want_grad, = torch.autograd.grad((want * w).sum(), x)
+            assert torch.allclose(got_grad, want_grad, atol=1e-5)
+
+
 def test_the_model_runs_on_the_meta_device():
     # every tensor the model makes for itself (RoPE angles, masks) follows the input's device:
     # a CPU-made tensor here fails as it failed on CUDA
@@ -510,18 +525,23 @@ def test_cached_decoding_matches_the_full_forward_on_every_device(device):
 def test_the_fused_kernel_and_the_sdpa_form_give_the_same_model(device):
     if 'triton' not in kernels(device):
         pytest.skip(f'no Triton kernel on {device.type}')
+    # in fp32 both equal the model; under bf16 autocast both differ from it, the kernel by no more
     l, dtype = (512, torch.bfloat16) if device.type == 'cuda' else (40, None)
-    results = []
-    for kernel in ('triton', 'sdpa'):
+    idx = torch.randint(0, 50, (2, l), generator=torch.Generator().manual_seed(0)).to(device)
+    results = {}
+    for kernel, autocast in (('sdpa', False), ('triton', True), ('sdpa', True)):
         model = fast_model(device, kernel, block_size=l, decay=1.0).train()
-        idx = torch.randint(0, 50, (2, l), generator=torch.Generator().manual_seed(0)).to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast and dtype is not None):
             _, loss = model(idx, idx)
         loss.backward()
-        results.append((loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])))
-    (loss_t, grad_t), (loss_s, grad_s) = results
-    assert loss_t == pytest.approx(loss_s, rel=1e-2 if dtype else 1e-5)
-    assert ((grad_t - grad_s).norm() / grad_s.norm()).item() < (5e-2 if dtype else 1e-4)
+        results[kernel, autocast] = loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
+    loss_ref, grad_ref = results['sdpa', False]
+    error = {kernel: ((results[kernel, True][1] - grad_ref).norm() / grad_ref.norm()).item() for kernel in ('triton', 'sdpa')}
+    assert results['triton', True][0] == pytest.approx(loss_ref, rel=1e-2 if dtype else 1e-5)
+    if dtype is None:
+        assert error['triton'] < 1e-4
+    else:
+        assert error['triton'] < 1.25 * error['sdpa'], error
 
 
 def test_a_model_step_on_the_fused_kernel_is_one_graph_for_torch_compile(device):
