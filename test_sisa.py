@@ -228,11 +228,11 @@ def fast_forgetting_model(seed=0, **kw):
             attn = block.attn
             if not attn.sisa:
                 continue
-            o = 3 * attn.c_attn.in_features + 2 * attn.n_head * attn.d_state
-            attn.c_attn.weight[o:o + attn.n_head].normal_(std=1.0)  # w_a: decay depends on the token
+            o = 2 * attn.n_head * attn.d_state  # rows of W_B and W_C, then w_a
+            attn.c_ssm.weight[o:o + attn.n_head].normal_(std=1.0)  # w_a: decay depends on the token
             attn.a_bias.fill_(2.0)                                 # ~2 nats per token
             attn.lambda_raw.fill_(1.0)
-            attn.c_attn.weight[3 * attn.c_attn.in_features:o].normal_(std=0.5)  # B, C large
+            attn.c_ssm.weight[:o].normal_(std=0.5)                 # B, C large
     return model
 
 
@@ -285,13 +285,11 @@ def test_lambda_raw_stays_fp32_and_every_ssm_parameter_gets_a_gradient_under_bf1
         logits, loss = model(idx, idx)
     assert logits.dtype == torch.bfloat16
     loss.backward()
-    d = model.config.n_embd
     for block in model.transformer.h:
         attn = block.attn
         assert attn.lambda_raw.dtype == torch.float32 and attn.lambda_raw.grad.dtype == torch.float32
         assert (attn.lambda_raw.grad != 0).all() and (attn.a_bias.grad != 0).all()
-        W_grad = attn.c_attn.weight.grad[3 * d:]  # rows of W_B, W_C, w_a, W_theta
-        rows = W_grad.split(attn.widths[3:])
+        rows = attn.c_ssm.weight.grad.split(attn.ssm_widths)  # W_B, W_C, w_a, W_theta
         assert len(rows) == 4
         for name, g in zip(['W_B', 'W_C', 'w_a', 'W_theta'], rows):
             assert (g.abs().sum(-1) > 0).all(), name
