@@ -1018,3 +1018,26 @@ def test_resume_keeps_the_runs_settings_unless_a_flag_overrides_them(workdir):
     assert saved['iter_num'] == 5 and [h['iter'] for h in history] == [5]
     assert saved['config']['learning_rate'] == 0.02 and saved['config']['batch_size'] == 4  # from the run
     assert saved['config']['eval_interval'] == 5 and saved['config']['max_iters'] == 5      # given now
+
+
+def test_two_processes_under_torchrun_are_the_same_run_as_one(workdir):
+    # gradient_accumulation_steps 2: one process runs both micro-steps, or two processes (gloo) one each.
+    # Same batches, same averaged gradient, only rank 0 evaluates and writes: the same run.
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    flags = TINY + ['--max_iters=4', '--eval_interval=2', '--gradient_accumulation_steps=2']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    launch = {'one': [sys.executable, train_py],
+              'two': [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', train_py]}
+    for out_dir, cmd in launch.items():
+        run = subprocess.run(cmd + flags + [f'--out_dir={out_dir}'], capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    logs = {d: [json.loads(line) for line in open(f'{d}/log.jsonl')] for d in launch}
+    assert [h['iter'] for h in logs['one']] == [h['iter'] for h in logs['two']] == [0, 2, 4]  # one writer
+    for a, b in zip(logs['one'], logs['two']):
+        assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
+        assert a['val_loss'] == pytest.approx(b['val_loss'], rel=1e-5)
+    one, two = final_weights('one'), final_weights('two')
+    init = GPT(tr.model_config(tr.parse_flags(tr.TrainConfig, TINY, ''), 36)).state_dict()
+    assert not torch.equal(one['lm_head.weight'], init['lm_head.weight'])  # it trained
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)

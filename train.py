@@ -175,6 +175,7 @@ class Data:
     def batch(self, split, step, device, rank=0, stream=0):
         """Batch `step` of `split`: the same for every run with this seed, whatever the model, and
         again after a resume, because it is drawn from a generator seeded by (seed, stream, step, rank).
+        train.py gives every process rank 0 and splits the one stream by step (see train).
         Evaluation draws from stream 1, so it never sees the training batches' windows by design."""
         rng = np.random.default_rng([self.seed, stream, step, rank, split == 'val'])
         data = self.memmap(split)
@@ -342,15 +343,22 @@ def save_checkpoint(path, ckpt):
 def train(cfg, quiet=False):
     """Train as cfg says; returns the list of evaluations (also appended to out_dir/log.jsonl)."""
     ddp = int(os.environ.get('RANK', -1)) != -1
-    if ddp:  # one process per GPU, started by torchrun
-        init_process_group(backend='nccl')
+    if ddp:  # one process per device, started by torchrun: nccl between GPUs, gloo between CPU processes
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-        torch.cuda.set_device(device)
-        assert cfg.gradient_accumulation_steps % world == 0, 'gradient_accumulation_steps must divide by the GPU count'
-        cfg = dataclasses.replace(cfg, gradient_accumulation_steps=cfg.gradient_accumulation_steps // world)
+        device = pick_device(cfg)
+        if device.type == 'cuda':
+            device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+            torch.cuda.set_device(device)
+        if cfg.gradient_accumulation_steps % world:
+            raise ValueError(f'--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of '
+                             f'the {world} processes: each runs gradient_accumulation_steps / {world} micro-steps')
+        init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
     else:
         rank, world, device = 0, 1, pick_device(cfg)
+    # The run is the same run on any number of processes: step s has micro-batches
+    # s * G ... s * G + G - 1 (G = gradient_accumulation_steps), and rank r takes the r-th
+    # run of G / world of them. DDP averages the ranks' gradients, each the mean of its micro-steps.
+    micro_steps = cfg.gradient_accumulation_steps // world
     master = rank == 0
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -390,10 +398,10 @@ def train(cfg, quiet=False):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # fp16 needs loss scaling; bf16 does not
     raw_model = model
     if use_compile(cfg, device):
-        model = compiled_or_eager(model, data.batch('train', 0, device, rank), ctx)
+        model = compiled_or_eager(model, data.batch('train', 0, device), ctx)
     if ddp:
-        model = DDP(model, device_ids=[device.index])
-    tokens_per_iter = cfg.gradient_accumulation_steps * world * cfg.batch_size * cfg.block_size
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     flops_peak = peak_flops(device, dtype)
     if master and not quiet:
         print(f'{gptconf.attention}: {raw_model.get_num_params():,} parameters, {device} {dtype}, '
@@ -405,9 +413,17 @@ def train(cfg, quiet=False):
                                         iter_num=iter_num, best_val_loss=best_val_loss,
                                         config=dataclasses.asdict(cfg), meta=data.meta))
 
-    # Ctrl-C: finish the step in flight, save, exit (never mid-update, never a half-written file)
+    # Ctrl-C: finish the step in flight, save, exit (never mid-update, never a half-written file).
+    # Under torchrun every process gets the signal, or one does: they agree each step (all_reduce).
     stop = []
-    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(1)) if master and not ddp else None
+    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+
+    def stopping():
+        if not ddp:
+            return bool(stop)
+        flag = torch.tensor([float(bool(stop))], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
 
     history, log_path = [], os.path.join(cfg.out_dir, 'log.jsonl')
     if cfg.init_from == 'scratch' and master and os.path.exists(log_path):
@@ -435,20 +451,23 @@ def train(cfg, quiet=False):
                 best_val_loss = min(best_val_loss, ev['val_loss'])
                 if iter_num > 0:
                     checkpoint()
-        if last or stop:
+        if last:
+            break
+        if stopping():
+            stop.append(1)
             break
 
         # one optimizer step: forward/backward over the micro-steps, clip, step
         lr = lr_at(iter_num, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        for micro in range(cfg.gradient_accumulation_steps):
+        for micro in range(micro_steps):
             if ddp:  # sync gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == cfg.gradient_accumulation_steps - 1
-            x, y = data.batch('train', iter_num * cfg.gradient_accumulation_steps + micro, device, rank)
+                model.require_backward_grad_sync = micro == micro_steps - 1
+            x, y = data.batch('train', iter_num * cfg.gradient_accumulation_steps + rank * micro_steps + micro, device)
             with ctx:
                 _, loss = model(x, y)
-                loss = loss / cfg.gradient_accumulation_steps
+                loss = loss / micro_steps
             scaler.scale(loss).backward()
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
@@ -461,17 +480,16 @@ def train(cfg, quiet=False):
         if master and (iter_num % 10 == 0 or iter_num == 1):
             rate = tokens_seen / (time.time() - t0)
             mfu = raw_model.estimate_mfu(rate / world, flops_peak)
-            bar.set_postfix(loss=f'{loss.item() * cfg.gradient_accumulation_steps:.4f}', tok_s=f'{rate:,.0f}',
+            bar.set_postfix(loss=f'{loss.item() * micro_steps:.4f}', tok_s=f'{rate:,.0f}',
                             mfu='n/a' if mfu is None else f'{mfu:.1%}')
         bar.update(1)
     bar.close()
-    if stop:
+    if stop and master:
         checkpoint()
         print(f'interrupted: saved step {iter_num} to {ckpt_path}; continue with --init_from=resume')
     elif master and cfg.max_iters > 0:
         checkpoint()
-    if old_handler is not None:
-        signal.signal(signal.SIGINT, old_handler)
+    signal.signal(signal.SIGINT, old_handler)
     if master and cfg.sample_tokens and not quiet and not stop:
         print_sample(raw_model, data, device, ctx, cfg.sample_tokens)
     if ddp:
