@@ -67,9 +67,18 @@ def _rows(X, rows, L, s_row, D: tl.constexpr):
 
 
 @triton.jit
-def _decayed(x, g, c0, post):
+def _tf32(x, PRECISION: tl.constexpr):
+    """x rounded to the 10-bit mantissa a tf32 dot reads (a no-op for 'ieee'). The gradient of g sums
+    C_i . dC_i and B_j . dB_j from these very values, so both sides of a pair see what the dot saw."""
+    if PRECISION == 'tf32':
+        x = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _decayed(x, g, c0, post, PRECISION: tl.constexpr):
     """x * exp(g - c0) * post, rows of x scaled, the exponent capped at 0 (it is <= 0 where used)."""
-    return (x.to(tl.float32) * (tl.exp2(tl.minimum(g - c0, 0.0) * LOG2E) * post)[:, None]).to(x.dtype)
+    return _tf32(x * (tl.exp2(tl.minimum(g - c0, 0.0) * LOG2E) * post)[:, None], PRECISION)
 
 
 # -----------------------------------------------------------------------------
@@ -83,7 +92,7 @@ def _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, 
     k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
     g_k = tl.load(G + j, mask=j < L, other=0.0)
     if not DIAGONAL:
-        b = _decayed(b, c0, g_k, 1.0)  # exp(c0 - g_j) <= 1
+        b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
     s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows past L see only -inf
@@ -108,7 +117,7 @@ def _forward(Q, K, V, C, B, G, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, s
     q, c = _rows(Q, i, L, sql, DH), _rows(C, i, L, DS, DS)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
     c0 = tl.load(G + m0)                   # the offset for every key tile before this query tile
-    c_off = _decayed(c, g_q, c0, 1 / scale)  # exp(g_i - c0) <= 1; 1 / scale: shares q.k's accumulator
+    c_off = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1; 1 / scale: shares q.k's accumulator
 
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
@@ -140,8 +149,8 @@ def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, 
     delta = tl.load(DELTA + i, mask=i < L, other=0.0)
     if not DIAGONAL:  # the offset _forward took for these queries: g at the start of their block
         c0 = tl.load(G + m0 - m0 % BLOCK_N)
-        c = _decayed(c, g_q, c0, 1 / scale)  # exp(g_i - c0) <= 1
-        b = _decayed(b, c0, g_k, 1.0)        # exp(c0 - g_j) <= 1
+        c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1
+        b = _decayed(b, c0, g_k, 1.0, PRECISION)        # exp(c0 - g_j) <= 1
     s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
     p = tl.exp2(s - lse[:, None])                                  # (queries, keys)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
@@ -155,7 +164,7 @@ def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, 
     else:
         db_step = tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION) * scale
         db += db_step * tl.exp2(tl.minimum(c0 - g_k, 0.0) * LOG2E)[:, None]
-    dg += tl.sum(b.to(tl.float32) * db_step, 1)  # sum_i dS_ij W_ij, from the very products the scores used
+    dg += tl.sum(b * db_step, 1)  # sum_i dS_ij W_ij, from the very products the scores used
     return dk, dv, db, dg
 
 
@@ -201,7 +210,7 @@ def _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale,
     k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
     g_k = tl.load(G + j, mask=j < L, other=0.0)
     if not DIAGONAL:
-        b = _decayed(b, c0, g_k, 1.0)  # exp(c0 - g_j) <= 1
+        b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
     s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -237,13 +246,13 @@ def _backward_dq(Q, K, V, C, B, G, DO, LSE, DELTA, DQ, DC, DGQ, sqb, sqh, sql, s
     for n0 in range(m0, m0 + BLOCK_M, BLOCK_N):     # key tiles on the diagonal
         dq, dc = _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
                           DH, DS, BLOCK_N, True, PRECISION)
-    dg = tl.sum(c.to(tl.float32) * dc, 1)          # sum_j dS_ij W_ij, from the very products the scores used
-    c = _decayed(c, g_q, c0, 1 / scale)             # exp(g_i - c0) <= 1, as in _forward
+    dg = tl.sum(c * dc, 1)          # sum_j dS_ij W_ij, from the very products the scores used
+    c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1, as in _forward
     dc_off = tl.zeros([BLOCK_M, DS], tl.float32)
     for n0 in range(0, m0, BLOCK_N):                # key tiles wholly before the queries
         dq, dc_off = _dq_step(dq, dc_off, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
                               DH, DS, BLOCK_N, False, PRECISION)
-    dg += tl.sum(c.to(tl.float32) * dc_off, 1) * scale
+    dg += tl.sum(c * dc_off, 1) * scale
     dc += dc_off * tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)[:, None]  # the factor c carried (b's is in dc_off)
     d, e = tl.arange(0, DH), tl.arange(0, DS)
     tl.store(DQ + i[:, None] * sdl + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
@@ -284,8 +293,17 @@ def _launch(kernel, name, tiles, q, C, scale, *args):
 
 
 def _channels(RC, RB, lam, dtype):
-    """The kernel's C = lambda RC and B = RB: rounded to the attention's dtype, contiguous."""
-    return (lam.float()[None, :, None, None] * RC.float()).to(dtype).contiguous(), RB.to(dtype).contiguous()
+    """The kernel's C = lambda RC and B = RB, contiguous, in fp32 whatever q's dtype.
+
+    Their dots (the importance in every score, dC, dB) run in tf32 beside q.k's bf16 or fp16:
+    lambda C.B can be several times q.k / sqrt(d_h), and bf16 operands (a relative rounding of
+    2^-8, tf32's is 2^-11) left errors 2 to 5x larger in the output and in the gradients of
+    lambda, log_alpha and theta, sums that nearly cancel (README: performance). Rounded to tf32 here,
+    so that the kernels' sums for dL/dg see exactly what the dots saw (_tf32)."""
+    C, B = (lam.float()[None, :, None, None] * RC.float()).contiguous(), RB.float().contiguous()
+    if dtype != torch.float32:
+        C, B = (((t.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32) for t in (C, B))
+    return C, B
 
 
 @torch.library.custom_op('nanosisa::attention', mutates_args=())

@@ -400,6 +400,9 @@ def check_against_fp64(device, kernel, dtype, b, h, l, d_h, d_s, span, tol, grad
 
 
 TOLERANCES = {torch.float32: (1e-4, 2e-3), torch.bfloat16: (2e-2, 0.1), torch.float16: (5e-3, 3e-2)}
+# The fused kernel takes C and B in tf32 beside bf16 q, k (sisa_kernel._channels): on an H100 its
+# bf16 errors are 2 to 5x below the SDPA form's (bf16 channels: up to 0.12 in one head's dlambda)
+FUSED_BF16 = (5e-3, 0.06)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -416,8 +419,8 @@ def test_sisa_attention_is_exact_at_every_decay_in_every_dtype(device, dtype, sp
             shape = dict(b=2, h=4, l=l, d_h=64, d_s=16)
         else:
             shape = dict(b=1, h=2, l=70, d_h=16, d_s=16)
-        check_against_fp64(device, kernel, dtype, span=span, tol=TOLERANCES[dtype][0],
-                           grad_tol=TOLERANCES[dtype][1], **shape)
+        tol, grad_tol = FUSED_BF16 if (kernel, dtype) == ('triton', torch.bfloat16) else TOLERANCES[dtype]
+        check_against_fp64(device, kernel, dtype, span=span, tol=tol, grad_tol=grad_tol, **shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
