@@ -192,7 +192,7 @@ def fused_kernel(kernel, device, dropout_p=0.0):
     return why is None
 
 
-def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='auto'):
+def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='auto', offset='exact'):
     """softmax(q.k / sqrt(d_h) + lambda Cbar.Bbar + causal mask) v, via SDPA (Sec. 3.3).
 
     With s = d_h^(1/4) sqrt(lambda), Qhat = [q ; s Cbar] and Khat = [k ; s Bbar]:
@@ -213,10 +213,13 @@ def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='
         q, k, v: (b, h, l, d_h), RoPE already applied to q and k
         C, B, log_alpha, theta, lam: as importance_naive
         kernel: 'auto', 'triton' or 'sdpa' (see fused_kernel)
+        offset: 'exact', or 'paper' for the ablation of the paper's recipe (paper_attention)
     Returns:
         (b, h, l, d_h)
     """
     d_h = q.size(-1)
+    if offset == 'paper':
+        return paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p)
     if fused_kernel(kernel, q.device, dropout_p):
         import sisa_kernel  # imports Triton: only where it is used
         g, RC, RB = ssm_channels(C, B, log_alpha, theta, cumsum=sisa_kernel.cumsum)
@@ -253,6 +256,22 @@ def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='
     return torch.cat(out, dim=-2)
 
 
+def paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, bound=11.0):
+    """The paper's recipe, kept for the ablation (train.py --sisa_offset=paper): one SDPA call
+    with the offset c = (max g + min g) / 2 of the whole sequence and (g - c) clamped to
+    [-bound, bound]. Exact while a sequence's decay spans at most 2 bound = 22 nats. Beyond
+    that the clamp changes the scores, and since min g is the last token's, earlier outputs
+    depend on the last token: not causal. Args and Returns: as sisa_attention.
+    """
+    g, RC, RB = ssm_channels(C, B, log_alpha, theta)
+    s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]
+    c = (g.amax(-1, keepdim=True) + g.amin(-1, keepdim=True)) / 2
+    gc = (g - c).clamp(-bound, bound)[..., None]
+    Qhat = torch.cat([q, (gc.exp() * s * RC).to(q.dtype)], dim=-1)
+    Khat = torch.cat([k, ((-gc).exp() * s * RB).to(k.dtype)], dim=-1)
+    return sdpa(Qhat, Khat, v, dropout_p=dropout_p, is_causal=True, scale=1 / math.sqrt(q.size(-1)))
+
+
 # -----------------------------------------------------------------------------
 # The model: a small RoPE GPT (RMSNorm, SwiGLU, tied embeddings) whose attention
 # is SISA or, with attention='softmax', the plain parameter-matched baseline.
@@ -270,12 +289,15 @@ class GPTConfig:
     bias: bool = False         # bias in Linear layers
     d_ff: int = 0              # the Transformer's SwiGLU width (0: 8d/3); SISA shrinks its own to match
     kernel: str = 'auto'       # SISA attention: 'auto', 'triton' or 'sdpa' (see fused_kernel)
+    sisa_offset: str = 'exact' # 'exact', or 'paper': the paper's clamped offset (paper_attention), an ablation
 
     def __post_init__(self):
         if self.attention not in ('sisa', 'softmax'):
             raise ValueError(f"attention must be 'sisa' or 'softmax', got {self.attention!r}")
         if self.kernel not in ('auto', 'triton', 'sdpa'):
             raise ValueError(f"kernel must be 'auto', 'triton' or 'sdpa', got {self.kernel!r}")
+        if self.sisa_offset not in ('exact', 'paper'):
+            raise ValueError(f"sisa_offset must be 'exact' or 'paper', got {self.sisa_offset!r}")
         if self.d_ff < 0:
             raise ValueError(f"d_ff must be >= 0 (0: 8 n_embd / 3), got {self.d_ff}")
         if self.n_embd % self.n_head != 0:
@@ -331,6 +353,7 @@ class CausalSelfAttention(nn.Module):
         self.sisa = config.attention == 'sisa'
         self.dropout = config.dropout
         self.kernel = config.kernel
+        self.offset = config.sisa_offset
         # one projection for q, k, v and one for SISA's B, C, a, theta: two matmuls instead of seven.
         # Not one for all: the gradient of a fused projection is the cat of its parts, and inductor
         # evaluates the rotation's backward (sin, cos) for every element of that cat, q, k and v
@@ -383,7 +406,8 @@ class CausalSelfAttention(nn.Module):
                 self.record(log_alpha, lam, q.dtype)
             if cache is None:
                 y = sisa_attention(q, k, v, C, B, log_alpha, theta, lam,
-                                   dropout_p=self.dropout if self.training else 0.0, kernel=self.kernel)
+                                   dropout_p=self.dropout if self.training else 0.0, kernel=self.kernel,
+                                   offset=self.offset)
             else:
                 y = self.cached_sisa(cache, q, k, v, C, B, log_alpha, theta, lam)
         y = y.transpose(1, 2).contiguous().view(b, l, d)
@@ -530,6 +554,7 @@ class GPT(nn.Module):
         last block_size tokens, as in nanoGPT; a cropped context changes every
         layer's keys, so from then on each step is a full forward of the window.
         """
+        use_cache = use_cache and self.config.sisa_offset == 'exact'  # the paper's offset needs the whole sequence
         cache = None
         for _ in range(max_new_tokens):
             if idx.size(1) > self.config.block_size:

@@ -250,6 +250,26 @@ def test_model_stays_causal_when_a_head_forgets_fast():
     torch.testing.assert_close(logits[:, :-1], logits2[:, :-1], rtol=1e-5, atol=1e-5)
 
 
+def test_the_papers_clamped_offset_lets_the_last_token_reach_earlier_logits():
+    # the same model and inputs with the paper's recipe (the ablation): c = (max g + min g) / 2
+    # moves with the last token's decay, and beyond 22 nats the clamp keeps it from cancelling
+    model = fast_forgetting_model(sisa_offset='paper')
+    idx = torch.randint(0, 50, (3, 32))
+    other = idx.clone()
+    other[:, -1] = (idx[:, -1] + 1 + torch.arange(3)) % 50
+    leak = (model(idx, idx)[0][:, :-1] - model(other, other)[0][:, :-1]).abs()
+    assert leak.amax((1, 2)).min() > 1e-3  # earlier logits move in every sequence
+
+
+def test_the_papers_recipe_is_exact_within_22_nats_and_not_beyond():
+    cpu = torch.device('cpu')
+    for span in (20.0, 100.0):
+        x = spanned_inputs(2, 3, 64, 16, 8, span, cpu)
+        exact, paper = sisa_attention(*x), sisa_attention(*x, offset='paper')
+        error = (paper - exact).abs().max().item()
+        assert error < 1e-10 if span < 22 else error > 1e-2, span
+
+
 def test_fast_forgetting_model_trains_finite_under_bf16_autocast():
     model = fast_forgetting_model().train()
     idx = torch.randint(0, 50, (2, 32))
@@ -341,6 +361,8 @@ def test_bad_config_and_input_raise_value_errors_naming_the_parameter():
         GPTConfig(n_embd=100, n_head=3)
     with pytest.raises(ValueError, match='attention'):
         GPTConfig(attention='linear')
+    with pytest.raises(ValueError, match='sisa_offset'):
+        GPTConfig(sisa_offset='clamped')
     model = GPT(tiny_config())
     with pytest.raises(ValueError, match='block_size'):
         model(torch.zeros(1, 33, dtype=torch.long))
