@@ -1072,3 +1072,25 @@ def test_two_processes_under_torchrun_are_the_same_run_as_one(workdir):
     assert not torch.equal(one['lm_head.weight'], init['lm_head.weight'])  # it trained
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ctrl_c_under_torchrun_stops_every_process_and_the_run_resumes(workdir):
+    # Ctrl-C reaches the whole process group, as a terminal sends it: every rank finishes its
+    # step, they agree to stop, rank 0 saves once (torchrun itself then exits 1 with its own report)
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', train_py] + TINY + \
+          ['--max_iters=100000', '--eval_interval=100000', '--gradient_accumulation_steps=2']
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+    deadline = time.time() + 120
+    while not os.path.exists('out/log.jsonl') and time.time() < deadline:  # step 0 evaluated: training
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(p.pid, 2)  # SIGINT to torchrun and both workers
+    out, _ = p.communicate(timeout=120)
+    step = tr.load_checkpoint('out/ckpt.pt')['iter_num']
+    assert step > 0 and out.count('interrupted: saved step') == 1 and f'saved step {step}' in out, out[-3000:]
+    assert not os.path.exists('out/ckpt.pt.tmp')
+    history = run_train(f'--max_iters={step + 2}', '--eval_interval=100000', '--init_from=resume',
+                        '--gradient_accumulation_steps=2')
+    assert history[-1]['iter'] == step + 2
