@@ -1094,3 +1094,24 @@ def test_ctrl_c_under_torchrun_stops_every_process_and_the_run_resumes(workdir):
     history = run_train(f'--max_iters={step + 2}', '--eval_interval=100000', '--init_from=resume',
                         '--gradient_accumulation_steps=2')
     assert history[-1]['iter'] == step + 2
+
+
+def test_the_leak_measure_sees_the_papers_offset_and_not_the_exact_one(workdir):
+    # the same weights, made to forget ~2 nats per token (128 over the block, past the clamp's 22)
+    run_train('--max_iters=1', '--eval_interval=1')
+    ckpt = tr.load_checkpoint('out/ckpt.pt')
+    for name, w in ckpt['model'].items():
+        if name.endswith('a_bias'):
+            w.fill_(2.0)
+        if name.endswith('c_ssm.weight'):  # B and C large, w_a: decays that depend on the token
+            o = 2 * ckpt['model_args']['n_head'] * ckpt['model_args']['d_state']
+            w[:o + ckpt['model_args']['n_head']].normal_(std=1.0, generator=torch.Generator().manual_seed(0))
+    for offset in ('exact', 'paper'):
+        ckpt['model_args']['sisa_offset'] = offset
+        os.makedirs(offset, exist_ok=True)
+        tr.save_checkpoint(f'{offset}/ckpt.pt', ckpt)
+    cfg = tr.parse_flags(tr.TrainConfig, TINY, '')
+    data = tr.Data(cfg)
+    exact, paper = tr.leak('exact', data, cfg), tr.leak('paper', data, cfg)
+    assert exact['max_change'] < 1e-5 and exact['flips'] == 0
+    assert paper['max_change'] > 1e-3

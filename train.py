@@ -62,6 +62,7 @@ class TrainConfig:
     dropout: float = opt(0.0, 'dropout')
     bias: bool = opt(False, 'bias in Linear layers')
     lambda_fixed: bool = opt(False, 'SISA: freeze lambda at its init, 0.31 (ablation: fixed vs learned)')
+    sisa_offset: str = opt('exact', "SISA: 'exact', or 'paper': the paper's clamped offset (ablation; not causal)")
     # optimizer: AdamW, linear warmup then cosine decay
     learning_rate: float = opt(3e-3, 'peak learning rate')
     max_iters: int = opt(5000, 'optimizer steps')
@@ -79,6 +80,7 @@ class TrainConfig:
     sample_tokens: int = opt(120, 'tokens to sample at the end (0: none)')
     # modes
     compare: bool = opt(False, 'train SISA and softmax over several seeds and print a table')
+    compare_models: str = opt('sisa,softmax', "--compare: models from 'sisa', 'softmax', 'paper' (SISA, paper's offset)")
     seeds: int = opt(3, 'seeds for --compare')
     benchmark: bool = opt(False, 'time training steps of SISA and softmax and print tokens/s')
     benchmark_iters: int = opt(20, 'timed steps per model for --benchmark (in 5 windows; the median counts)')
@@ -198,23 +200,22 @@ def needle_accuracy(model, data, prompts, device, ctx, batch_size=100):
     """Fraction of prompts whose greedy answer is exactly the secret number.
 
     Greedy decoding gets every digit right iff, fed the true answer, the argmax is right at
-    every digit, so one batched forward of prompt + answer decides it (right-padded: the
-    model is causal, so padding after a sequence cannot change it).
+    every digit, so one batched forward of prompt + answer decides it. Prompts are batched
+    by length, never padded: padding would be harmless to a causal model, but not to the
+    paper's clamped offset, where the last token reaches every earlier one.
     """
+    by_length = {}
+    for p in prompts:
+        by_length.setdefault(len(data.encode(p['prompt'] + p['answer'])), []).append(p)
     correct = 0
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        seqs = [data.encode(p['prompt'] + p['answer']) for p in chunk]
-        L = max(map(len, seqs))
-        x = torch.zeros(len(seqs), L, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            x[r, :len(s)] = torch.tensor(s)
-        with ctx:
-            logits, _ = model(x.to(device), x.to(device))  # targets given: logits at every position
-        pred = logits.argmax(-1).cpu()
-        for r, (s, p) in enumerate(zip(seqs, chunk)):
-            n = len(data.encode(p['answer']))
-            correct += bool((pred[r, len(s) - n - 1:len(s) - 1] == torch.tensor(s[-n:])).all())
+    for L, group in by_length.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            x = torch.tensor([data.encode(p['prompt'] + p['answer']) for p in chunk], device=device)
+            with ctx:
+                logits, _ = model(x, x)  # targets given: logits at every position
+            n = len(data.encode(chunk[0]['answer']))
+            correct += (logits[:, L - n - 1:L - 1].argmax(-1) == x[:, L - n:]).all(-1).sum().item()
     return correct / len(prompts)
 
 
@@ -294,7 +295,7 @@ def model_config(cfg, vocab_size):
     return GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, n_embd=cfg.n_embd, d_state=cfg.d_state,
                      attention=cfg.attention, dropout=cfg.dropout, bias=cfg.bias, d_ff=cfg.d_ff,
-                     kernel=cfg.kernel)
+                     kernel=cfg.kernel, sisa_offset=cfg.sisa_offset)
 
 
 def use_compile(cfg, device):
@@ -543,29 +544,56 @@ def length_sweep(out_dir, data, cfg, lengths):
                                device, ctx) for L in lengths}
 
 
+@torch.no_grad()
+def leak(out_dir, data, cfg):
+    """How far the last token reaches back: the largest change of any earlier position's
+    log-probabilities when only the last token of a validation window is replaced (the median
+    over a batch of windows), and the fraction of earlier positions whose greedy prediction flips.
+    0 for a causal model; the paper's clamped offset is not causal."""
+    device = pick_device(cfg)
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    model = GPT(GPTConfig(**{**ckpt['model_args'], 'kernel': cfg.kernel}))
+    model.load_state_dict(clean_state_dict(ckpt['model']))
+    model.to(device).eval()
+    ctx = contextlib.nullcontext() if pick_dtype(cfg, device) == 'float32' else torch.autocast(device.type, dtype=torch.bfloat16)
+    x, _ = data.batch('val', 0, device, stream=2)
+    other = x.clone()
+    other[:, -1] = (x[:, -1] + 1) % data.meta['vocab_size']
+    with ctx:
+        a, b = (model(t, t)[0][:, :-1].float().log_softmax(-1) for t in (x, other))
+    return dict(max_change=(a - b).abs().amax((1, 2)).median().item(),
+                flips=(a.argmax(-1) != b.argmax(-1)).float().mean().item())
+
+
 def compare(cfg):
     data = Data(cfg)
     needle = data.needles is not None
     lengths = [L for L in (cfg.block_size * f // 4 for f in (1, 2, 3, 4, 5, 6))
                if L >= prepare_data.needle_min_len(data.meta.get('n_digits', 2))] if needle else []
-    runs = {'sisa': [], 'softmax': []}
-    bar = tqdm(total=2 * cfg.seeds, desc='compare')
+    names = cfg.compare_models.split(',')
+    if not names or any(m not in ('sisa', 'softmax', 'paper') for m in names):
+        sys.exit(f"error: --compare_models takes 'sisa', 'softmax' and 'paper', comma-separated; got {cfg.compare_models!r}")
+    runs = {m: [] for m in names}
+    bar = tqdm(total=len(runs) * cfg.seeds, desc='compare')
     for s in range(cfg.seeds):
-        for attention in runs:
-            run = dataclasses.replace(cfg, attention=attention, seed=cfg.seed + s, compare=False, sample_tokens=0,
-                                      init_from='scratch', out_dir=os.path.join(cfg.out_dir, f'{attention}_seed{s}'))
+        for m in runs:
+            run = dataclasses.replace(cfg, attention='softmax' if m == 'softmax' else 'sisa',
+                                      sisa_offset='paper' if m == 'paper' else 'exact', seed=cfg.seed + s,
+                                      compare=False, sample_tokens=0, init_from='scratch',
+                                      out_dir=os.path.join(cfg.out_dir, f'{m}_seed{s}'))
             history = train(run, quiet=True)
             sweep = length_sweep(run.out_dir, data, run, lengths) if needle else {}
-            runs[attention].append(dict(history=history, sweep=sweep))
+            runs[m].append(dict(history=history, sweep=sweep, leak=leak(run.out_dir, data, run)))
             bar.update(1)
-            bar.write(f"{attention} seed {cfg.seed + s}: val loss {history[-1]['val_loss']:.4f}"
-                      + (f", needle {history[-1]['needle_acc']:.0%}, first 100% at step {steps_to(history, 1.0)}"
-                         if needle else ''))
+            first = steps_to(history, 1.0)
+            bar.write(f"{m} seed {cfg.seed + s}: val loss {history[-1]['val_loss']:.4f}"
+                      + (f", needle {history[-1]['needle_acc']:.0%}, "
+                         + ('never 100%' if first is None else f'first 100% at step {first}') if needle else ''))
     bar.close()
     with open(os.path.join(cfg.out_dir, 'compare.json'), 'w') as f:
         json.dump(dict(config=dataclasses.asdict(cfg), runs=runs), f)
 
-    steps = [h['iter'] for h in runs['sisa'][0]['history']]
+    steps = [h['iter'] for h in runs[names[0]][0]['history']]
     marks = sorted({steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]})
     rows = []
     if needle:
@@ -579,11 +607,15 @@ def compare(cfg):
     for L in lengths:
         rows.append((f'needle at length {L}' + (' (> block)' if L > cfg.block_size else ''),
                      [spread([r['sweep'][L] * 100 for r in runs[a]], '{:.1f}%') for a in runs]))
+    rows.append(('leak: max change of log p', [spread([r['leak']['max_change'] for r in runs[a]], '{:.2g}') for a in runs]))
+    rows.append(('leak: predictions flipped', [spread([r['leak']['flips'] * 100 for r in runs[a]], '{:.2f}%') for a in runs]))
     print(f"\n{cfg.dataset}, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.max_iters} steps, {cfg.seeds} seeds "
           f"(median [min, max])\n")
-    print(f"| {'':<30} | {'SISA':<28} | {'Transformer':<28} |\n|{'-' * 32}|{'-' * 30}|{'-' * 30}|")
-    for name, (a, b) in rows:
-        print(f'| {name:<30} | {a:<28} | {b:<28} |')
+    title = {'sisa': 'SISA', 'softmax': 'Transformer', 'paper': "SISA, paper's offset"}
+    print(f"| {'':<30} | " + ' | '.join(f'{title[a]:<28}' for a in runs) + ' |')
+    print(f"|{'-' * 32}|" + '|'.join('-' * 30 for _ in runs) + '|')
+    for name, values in rows:
+        print(f'| {name:<30} | ' + ' | '.join(f'{v:<28}' for v in values) + ' |')
 
 
 # -----------------------------------------------------------------------------
@@ -595,9 +627,17 @@ def benchmark(cfg):
     device = pick_device(cfg)
     vocab = cfg.vocab_size or Data(cfg).meta['vocab_size']
     half_life = f'half-life {cfg.benchmark_half_life:g} tokens' if cfg.benchmark_half_life else 'decays at init'
-    print(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), torch {torch.__version__}, '
-          f'{pick_dtype(cfg, device)}, {"compiled" if use_compile(cfg, device) else "eager"}, batch {cfg.batch_size} x '
-          f'{cfg.block_size}, vocab {vocab}, SISA kernel {cfg.kernel}, {half_life}')
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), torch {torch.__version__}, '
+              f'{pick_dtype(cfg, device)}, {"compiled" if use_compile(cfg, device) else "eager"}, batch {cfg.batch_size} x '
+              f'{cfg.block_size}, vocab {vocab}, SISA kernel {cfg.kernel}, {half_life}')
+    if 'RANK' in os.environ:  # torchrun: the one model of --attention, data-parallel, timed in these processes
+        r = time_steps(cfg, vocab)
+        if r['rank'] == 0:
+            print(f"{cfg.attention}: {r['world']} processes x batch {cfg.batch_size}: {r['tok_s']:,.0f} tok/s in all, "
+                  f"{r['step_ms']:.1f} ms/step (windows {r['windows']} ms), MFU per GPU "
+                  + ('n/a' if r['mfu'] is None else f"{r['mfu']:.1%}"))
+        return {cfg.attention: r}
     results = {}
     for attention in ('sisa', 'softmax'):
         with torch.multiprocessing.get_context('spawn').Pool(1) as pool:
@@ -616,8 +656,15 @@ def benchmark(cfg):
 def time_steps(cfg, vocab):
     """Median time of full training steps (forward, backward, clipping, AdamW) of one model,
     over 5 windows after 5 warm-up steps (compilation included). The learning rate is 0, so
-    the decays stay where they were set."""
+    the decays stay where they were set. Under torchrun every process takes its own batch
+    and DDP averages the gradients, as in training; tok_s counts the tokens of all of them."""
     device = pick_device(cfg)
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if 'RANK' in os.environ:
+        if device.type == 'cuda':
+            device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+            torch.cuda.set_device(device)
+        init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
     dtype = pick_dtype(cfg, device)
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device.type, dtype=ptdtype)
@@ -630,7 +677,10 @@ def time_steps(cfg, vocab):
             block.attn.a_bias.data.fill_(math.log(math.expm1(math.log(2) / cfg.benchmark_half_life)))
     optimizer = model.configure_optimizers(cfg.weight_decay, 0.0, (cfg.beta1, cfg.beta2), device.type)
     run = torch.compile(model) if use_compile(cfg, device) else model
-    x = torch.randint(vocab, (cfg.batch_size, cfg.block_size), device=device)
+    if world > 1:
+        run = DDP(run, device_ids=[device.index] if device.type == 'cuda' else None)
+    x = torch.randint(vocab, (cfg.batch_size, cfg.block_size), device=device,
+                      generator=torch.Generator(device).manual_seed(cfg.seed + rank))
 
     def step():
         with ctx:
@@ -653,11 +703,13 @@ def time_steps(cfg, vocab):
         sync()
         windows.append((time.perf_counter() - t0) / max(1, cfg.benchmark_iters // 5))
     dt = float(np.median(windows))
-    tok_s = cfg.batch_size * cfg.block_size / dt
-    return dict(params=model.get_num_params(), tok_s=tok_s, step_ms=dt * 1000,
+    tok_s = world * cfg.batch_size * cfg.block_size / dt
+    if 'RANK' in os.environ:
+        destroy_process_group()
+    return dict(params=model.get_num_params(), tok_s=tok_s, step_ms=dt * 1000, rank=rank, world=world,
                 windows='/'.join(f'{w * 1000:.1f}' for w in windows),
                 mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None,
-                mfu=model.estimate_mfu(tok_s, peak_flops(device, dtype)))
+                mfu=model.estimate_mfu(tok_s / world, peak_flops(device, dtype)))
 
 
 def main(argv):
