@@ -263,7 +263,11 @@ def paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, bound=1
     that the clamp changes the scores, and since min g is the last token's, earlier outputs
     depend on the last token: not causal. Args and Returns: as sisa_attention.
     """
-    g, RC, RB = ssm_channels(C, B, log_alpha, theta)
+    cumsum = torch.cumsum
+    if q.device.type == 'cuda' and HAS_TRITON:  # inductor failed on torch.cumsum in a whole-model graph
+        import sisa_kernel
+        cumsum = sisa_kernel.cumsum
+    g, RC, RB = ssm_channels(C, B, log_alpha, theta, cumsum=cumsum)
     s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]
     c = (g.amax(-1, keepdim=True) + g.amin(-1, keepdim=True)) / 2
     gc = (g - c).clamp(-bound, bound)[..., None]
