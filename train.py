@@ -202,7 +202,7 @@ def needle_accuracy(model, data, prompts, device, ctx, batch_size=100):
     Greedy decoding gets every digit right iff, fed the true answer, the argmax is right at
     every digit, so one batched forward of prompt + answer decides it. Prompts are batched
     by length, never padded: padding would be harmless to a causal model, but not to the
-    paper's clamped offset, where the last token reaches every earlier one.
+    paper's clamped offset, where the last token reaches earlier ones.
     """
     by_length = {}
     for p in prompts:
