@@ -2,7 +2,7 @@
 Sample from a trained model.
 
 $ python sample.py                                   # from out/ckpt.pt
-$ python sample.py --start="what is the secret number? " --num_samples=3
+$ python sample.py --start="the secret number is 31. what is it? " --num_samples=1 --max_new_tokens=3 --temperature=0
 $ python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_k=20
 """
 import contextlib
@@ -14,20 +14,23 @@ import torch
 
 import prepare_data
 from sisa import GPT, GPTConfig
-from train import clean_state_dict, load_checkpoint, parse_flags, pick_device
+from train import check_values, clean_state_dict, load_checkpoint, opt, parse_flags, pick_device
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = 'out'          # where ckpt.pt lies
-    start: str = '\n'             # the prompt, or FILE:path to read it from a file
-    num_samples: int = 3
-    max_new_tokens: int = 200
-    temperature: float = 0.8      # 0: always the most likely token
-    top_k: int = 0                # keep only the top k tokens (0: all)
-    seed: int = 1337
-    device: str = 'auto'
-    use_cache: bool = True        # cached decoding, one step per token (same tokens as without)
+    out_dir: str = opt('out', 'where ckpt.pt lies')
+    start: str = opt('\n', 'the prompt, or FILE:path to read it from a file (one trailing newline is dropped)')
+    num_samples: int = opt(3, 'samples to draw')
+    max_new_tokens: int = opt(200, 'tokens per sample')
+    temperature: float = opt(0.8, '0: always the most likely token; higher: more random')
+    top_k: int = opt(0, 'keep only the top k tokens (0: all)')
+    seed: int = opt(1337, 'random seed')
+    device: str = opt('auto', "'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'")
+    use_cache: bool = opt(True, 'cached decoding, one step per token (the same tokens as without)')
+
+    def __post_init__(self):
+        check_values(self, positive=('num_samples', 'max_new_tokens'), non_negative=('temperature', 'top_k'))
 
 
 def main(argv):
@@ -44,6 +47,7 @@ def main(argv):
         try:
             with open(start[5:], encoding='utf-8') as f:
                 start = f.read()
+            start = start[:-1] if start.endswith('\n') else start  # echo's newline would start a new document
         except OSError as e:
             raise prepare_data.DataError(f'cannot read the prompt file: {e}')
     ids = encode(start)
@@ -68,5 +72,5 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except prepare_data.DataError as e:
+    except (prepare_data.DataError, ValueError) as e:
         sys.exit(f'error: {e}')

@@ -7,6 +7,7 @@ MPS where available, so the same command on a GPU machine is the GPU test run. T
 Triton kernel (sisa_kernel.py) runs on CUDA, and on the CPU under Triton's interpreter
 (TRITON_INTERPRET=1, set below when there is no GPU; pip install triton).
 """
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -983,14 +984,14 @@ def test_bad_inputs_get_clear_messages(workdir, monkeypatch):
             fn(*args)
         return str(e.value.code)
     assert 'unknown flag --batchsize (did you mean --batch_size?)' in exits(tr.main, ['--batchsize=3'])
-    assert '--max_iters expects a int' in exits(tr.main, ['--max_iters=many'])
+    assert '--max_iters expects an int' in exits(tr.main, ['--max_iters=many'])
     assert 'python prepare_data.py --dataset=shakespeare_char' in exits(tr.main, ['--dataset=shakespeare_char'])
     assert 'too few for block_size' in exits(tr.main, TINY + ['--block_size=100000'])
     assert 'd_state' in exits(tr.main, TINY + ['--d_state=3'])
     assert 'no checkpoint' in exits(tr.main, TINY + ['--init_from=resume', '--out_dir=nothing'])
     os.makedirs('broken')
     open('broken/ckpt.pt', 'wb').write(b'not a checkpoint')
-    assert 'corrupt' in exits(tr.main, TINY + ['--init_from=resume', '--out_dir=broken'])
+    assert 'is not a checkpoint' in exits(tr.main, TINY + ['--init_from=resume', '--out_dir=broken'])
     run_train('--max_iters=2', '--eval_interval=2')
     r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), 'sample.py'), '--start=THE CAT'],
                        capture_output=True, text=True)
@@ -1118,3 +1119,85 @@ def test_the_leak_measure_sees_the_papers_offset_and_not_the_exact_one(workdir):
     exact, paper = tr.leak('exact', data, cfg), tr.leak('paper', data, cfg)
     assert exact['max_change'] < 1e-5 and exact['flips'] == 0
     assert paper['max_change'] > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# the command line: one line for every bad value, nothing overwritten unasked
+
+def exit_message(fn, argv):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    return str(e.value.code)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (['--batch_size=0'], '--batch_size must be > 0'), (['--n_head=0'], '--n_head must be > 0'),
+    (['--n_layer=0'], '--n_layer must be > 0'), (['--eval_interval=0'], '--eval_interval must be > 0'),
+    (['--eval_iters=0'], '--eval_iters must be > 0'), (['--block_size=0'], '--block_size must be > 0'),
+    (['--gradient_accumulation_steps=0'], '--gradient_accumulation_steps must be > 0'),
+    (['--max_iters=-5'], '--max_iters must be >= 0'), (['--dropout=1.5'], '--dropout must be in [0, 1)'),
+    (['--device=gpu'], '--device=gpu is not a device'), (['--device=cuda:7'], '--device=cuda:7'),
+    (['--dtype=float8'], "--dtype must be one of"), (['--attention=rnn'], "--attention must be one of"),
+    (['max_iters=100'], 'did you mean --max_iters=100?'), (['--n_layer'], '--n_layer needs a value'),
+    (['--compare', '--compare_models=sisa,rnn'], '--compare_models'),
+])
+def test_every_bad_value_stops_with_one_line_naming_its_flag(workdir, flags, message):
+    got = exit_message(tr.main, TINY + flags)
+    assert message in got and '\n' not in got and 'Traceback' not in got
+
+
+def test_sample_checks_its_values_and_drops_a_prompt_files_last_newline(workdir, monkeypatch):
+    for flag, message in [('--temperature=-1', '--temperature must be >= 0'), ('--top_k=-1', '--top_k must be >= 0'),
+                          ('--max_new_tokens=-4', '--max_new_tokens must be > 0'),
+                          ('--num_samples=0', '--num_samples must be > 0')]:
+        assert message in exit_message(sp.main, [flag])
+    run_train('--max_iters=2', '--eval_interval=2')
+    open('prompt.txt', 'w').write('a dog naps. what is it?\n')  # as echo writes it
+    prompts = []
+    monkeypatch.setattr(GPT, 'generate', lambda self, idx, *a, **k: prompts.append(idx[0].tolist()) or idx)
+    sp.main(['--start=FILE:prompt.txt', '--num_samples=1', '--max_new_tokens=2', '--temperature=0'])
+    encode, _ = pd.get_tokenizer(tr.load_checkpoint('out/ckpt.pt')['meta'])
+    assert prompts == [encode('a dog naps. what is it?')]
+
+
+def test_a_bare_boolean_flag_means_true_and_dtype_names_have_their_aliases():
+    cfg = tr.parse_flags(tr.TrainConfig, ['--lambda_fixed', '--dtype=bf16'], '')
+    assert cfg.lambda_fixed is True and cfg.dtype == 'bfloat16'
+    assert tr.parse_flags(tr.TrainConfig, ['--dtype=fp16'], '').dtype == 'float16'
+
+
+def test_help_describes_every_flag_in_aligned_columns(capsys):
+    for fn, cls in ((tr.main, tr.TrainConfig), (sp.main, sp.SampleConfig)):
+        exit_message(fn, ['--help'])
+        lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('  --')]
+        assert len(lines) == len(dataclasses.fields(cls))
+        starts = {len(l) - len(l[2:].split('  ', 1)[1].lstrip()) for l in lines}
+        assert len(starts) == 1  # every description starts in the same column
+        assert all(l[2:].split('  ', 1)[1].strip() for l in lines)
+
+
+def test_a_new_run_never_replaces_another_and_a_resumed_run_keeps_its_model(workdir, capsys):
+    run_train('--max_iters=2', '--eval_interval=2')
+    saved = open('out/ckpt.pt', 'rb').read()
+    log = open('out/log.jsonl').read()
+    got = exit_message(tr.main, TINY + ['--attention=softmax'])
+    assert '--init_from=resume' in got and '--out_dir' in got and '--overwrite' in got
+    for flag in ('--attention=softmax', '--n_embd=64', '--dataset=other'):
+        got = exit_message(tr.main, TINY + ['--init_from=resume', '--max_iters=4', flag])
+        assert 'differs from the run' in got and flag.split('=')[0] in got, flag
+    tr.main(TINY + ['--init_from=resume', '--max_iters=2'])  # finished: nothing to do, nothing appended
+    assert 'nothing to do' in capsys.readouterr().out
+    assert open('out/ckpt.pt', 'rb').read() == saved and open('out/log.jsonl').read() == log
+    run_train('--max_iters=2', '--eval_interval=2', '--attention=softmax', '--overwrite')
+    assert tr.load_checkpoint('out/ckpt.pt')['model_args']['attention'] == 'softmax'
+
+
+def test_an_out_dir_that_cannot_be_written_stops_before_training(workdir):
+    open('afile', 'w').close()
+    got = exit_message(tr.main, TINY + ['--out_dir=afile/run'])
+    assert got.startswith('error: --out_dir=afile/run cannot be written')
+    open('broken.pt', 'wb').write(os.urandom(1000))
+    os.makedirs('junk')
+    os.replace('broken.pt', 'junk/ckpt.pt')
+    got = exit_message(tr.main, TINY + ['--init_from=resume', '--out_dir=junk'])
+    assert 'is not a checkpoint' in got and 'weights_only' not in got

@@ -2,15 +2,16 @@
 Train a small SISA model (or, with --attention=softmax, the parameter-matched Transformer).
 
 $ python train.py                                   # needle-in-a-haystack, offline, minutes on a laptop CPU
-$ python train.py --attention=softmax               # the same run with plain attention
-$ python train.py --dataset=shakespeare_char --block_size=256 --n_layer=6 --n_embd=384 --n_head=6
-$ python train.py --init_from=resume                # continue from out/ckpt.pt
-$ python train.py --compare=True                    # SISA vs Transformer, side by side (README: results)
-$ python train.py --benchmark=True                  # tokens/s of both models, as a ratio
+$ python train.py --attention=softmax --out_dir=out-softmax   # the same run with plain attention
+$ python train.py --dataset=shakespeare_char --block_size=256 --n_layer=6 --n_embd=384 --n_head=6 --out_dir=out-shakespeare
+$ python train.py --init_from=resume --max_iters=8000   # continue out/ckpt.pt
+$ python train.py --compare                         # SISA vs Transformer, side by side (README: results)
+$ python train.py --benchmark                       # tokens/s of both models, as a ratio
 $ torchrun --standalone --nproc_per_node=4 train.py # several GPUs (DDP)
 
-Every setting below is a --name=value flag (python train.py --help); a config file in
-nanoGPT's style (python train.py config.py --flag=...) may set them too.
+Every setting below is a --name=value flag, and a bare --flag is True for a boolean
+(python train.py --help lists them); a config file in nanoGPT's style
+(python train.py config.py --flag=...) may set them too.
 """
 import contextlib
 import dataclasses
@@ -86,6 +87,38 @@ class TrainConfig:
     benchmark_iters: int = opt(20, 'timed steps per model for --benchmark (in 5 windows; the median counts)')
     benchmark_half_life: float = opt(0.0, "--benchmark: every SISA head's decay half-life in tokens (0: init, ~100)")
     vocab_size: int = opt(0, "vocabulary of --benchmark's random tokens (0: the dataset's)")
+    overwrite: bool = opt(False, "start afresh in an out_dir that holds another run's checkpoint, replacing it")
+
+    def __post_init__(self):
+        self.dtype = DTYPES.get(self.dtype, self.dtype)
+        check_values(self, positive=('batch_size', 'gradient_accumulation_steps', 'block_size', 'n_layer', 'n_head',
+                                     'n_embd', 'd_state', 'eval_interval', 'eval_iters', 'seeds', 'benchmark_iters'),
+                     non_negative=('max_iters', 'eval_needles', 'sample_tokens', 'learning_rate', 'min_lr',
+                                   'weight_decay', 'warmup_iters', 'grad_clip', 'd_ff', 'vocab_size',
+                                   'benchmark_half_life'),
+                     choices=dict(init_from=('scratch', 'resume'), attention=('sisa', 'softmax'),
+                                  kernel=('auto', 'triton', 'sdpa'), sisa_offset=('exact', 'paper'),
+                                  dtype=('auto', 'float32', 'bfloat16', 'float16'),
+                                  compile=('auto', 'True', 'False', 'true', 'false', '1', '0')))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f'--dropout must be in [0, 1), got {self.dropout}')
+
+
+# the dtype names people type, and what they mean
+DTYPES = {'fp32': 'float32', 'float': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16', 'half': 'float16'}
+
+
+def check_values(cfg, positive=(), non_negative=(), choices={}):
+    """A ValueError naming the first flag whose value cannot work (parse_flags prints it in one line)."""
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f'--{name} must be > 0, got {getattr(cfg, name)}')
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f'--{name} must be >= 0, got {getattr(cfg, name)}')
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(map(repr, allowed))}; got {getattr(cfg, name)!r}")
 
 
 def parse_flags(cls, argv, doc):
@@ -95,16 +128,24 @@ def parse_flags(cls, argv, doc):
     for arg in argv:
         if arg in ('-h', '--help'):
             print(doc)
-            for f in fields.values():
-                print(f'  --{f.name}={f.default!r:<14} {f.metadata.get("help", "")}')
+            names = [f'--{f.name}={f.default if str(f.default).isprintable() else repr(f.default)}' for f in fields.values()]
+            width = max(map(len, names))
+            for name, f in zip(names, fields.values()):
+                print(f'  {name:<{width}}  {f.metadata.get("help", "")}')
             sys.exit(0)
         if not arg.startswith('--'):  # a config file in nanoGPT's style: python assignments
+            if not os.path.isfile(arg):
+                hint = f"; did you mean --{arg}?" if '=' in arg else ''
+                sys.exit(f'error: {arg!r} is not a config file (flags are --name=value){hint}')
             scope = {}
             with open(arg) as fh:
                 exec(fh.read(), scope)
             pairs = [(k, v) for k, v in scope.items() if not k.startswith('_')]
-        elif '=' not in arg:
-            sys.exit(f'error: flags are --name=value, got {arg!r}')
+        elif '=' not in arg:  # a bare --flag: True for a boolean
+            name = arg[2:]
+            if name in fields and type(fields[name].default) is not bool:
+                sys.exit(f'error: --{name} needs a value: --{name}=VALUE')
+            pairs = [(name, 'True')]
         else:
             pairs = [arg[2:].split('=', 1)]
         for name, value in pairs:
@@ -113,7 +154,10 @@ def parse_flags(cls, argv, doc):
                 sys.exit(f'error: unknown flag --{name}' + (f' (did you mean --{close[0]}?)' if close else '')
                          + f'; python {os.path.basename(sys.argv[0])} --help lists them')
             values[name] = convert(name, value, type(fields[name].default))
-    cfg = cls(**values)
+    try:
+        cfg = cls(**values)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     cfg.given = frozenset(values)  # what the user set, which a resumed run keeps over the checkpoint's config
     return cfg
 
@@ -123,7 +167,7 @@ def convert(name, value, kind):
     if not isinstance(value, str):
         if isinstance(value, kind) or (kind is float and isinstance(value, int)):
             return kind(value)
-        sys.exit(f'error: {name} expects a {kind.__name__}, got {value!r}')
+        sys.exit(f'error: {name} expects {"an" if kind is int else "a"} {kind.__name__}, got {value!r}')
     try:
         if kind is bool:
             if value.lower() not in ('true', 'false', '1', '0'):
@@ -131,7 +175,7 @@ def convert(name, value, kind):
             return value.lower() in ('true', '1')
         return kind(value)
     except ValueError:
-        sys.exit(f'error: --{name} expects a {kind.__name__}, got {value!r}')
+        sys.exit(f'error: --{name} expects {"an" if kind is int else "a"} {kind.__name__}, got {value!r}')
 
 
 # -----------------------------------------------------------------------------
@@ -256,7 +300,17 @@ def evaluate(model, data, cfg, device, ctx):
 
 def pick_device(cfg):
     if cfg.device != 'auto':
-        return torch.device(cfg.device)
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device={cfg.device} is not a device: use auto, cpu, cuda, cuda:N or mps")
+        mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
+        if (device.type == 'cuda' and not torch.cuda.is_available()) or (device.type == 'mps' and not mps) or \
+                device.type not in ('cpu', 'cuda', 'mps'):
+            raise ValueError(f'--device={cfg.device}: there is no such device here; use --device=auto or --device=cpu')
+        if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f'--device={cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices')
+        return device
     if torch.cuda.is_available():
         return torch.device('cuda')
     if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
@@ -308,7 +362,8 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise prepare_data.DataError(f'the checkpoint at {path} is corrupt or incomplete ({type(e).__name__}: {e})')
+        raise prepare_data.DataError(f'{path} is not a checkpoint that train.py wrote, or it was cut short '
+                                     f'({type(e).__name__})')
 
 
 def clean_state_dict(state):
@@ -341,6 +396,11 @@ def save_checkpoint(path, ckpt):
 # -----------------------------------------------------------------------------
 # training
 
+# settings a resumed run cannot change: its weights and optimizer state were made with them
+RUN_FIXED = {'dataset', 'n_layer', 'n_head', 'n_embd', 'd_state', 'attention', 'd_ff', 'bias', 'block_size',
+             'sisa_offset', 'lambda_fixed'}
+
+
 def train(cfg, quiet=False):
     """Train as cfg says; returns the list of evaluations (also appended to out_dir/log.jsonl)."""
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -368,13 +428,32 @@ def train(cfg, quiet=False):
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device.type, dtype=ptdtype)
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if cfg.init_from == 'scratch' and os.path.exists(ckpt_path) and not cfg.overwrite:
+        raise ValueError(f'{ckpt_path} holds a run already: continue it with --init_from=resume, start this one '
+                         f'elsewhere with --out_dir=..., or replace it with --overwrite')
     ckpt = load_checkpoint(ckpt_path) if cfg.init_from == 'resume' else None
     if ckpt:  # continue the same run: its dataset, model and settings, but for the flags given now
         given = getattr(cfg, 'given', frozenset())
+        for name in sorted(given & RUN_FIXED):
+            was = ckpt['config'].get(name, ckpt['model_args'].get(name))
+            if getattr(cfg, name) != was:
+                raise ValueError(f'--{name}={getattr(cfg, name)} differs from the run in {ckpt_path} ({name}={was}): '
+                                 f'a resumed run keeps its model and data; start a new one with another --out_dir')
         keep = {f.name for f in dataclasses.fields(cfg)} - given - {'init_from', 'out_dir', 'compare', 'benchmark'}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt['config'].items() if k in keep})
+        if ckpt['iter_num'] >= cfg.max_iters:
+            print(f"nothing to do: {ckpt_path} is at step {ckpt['iter_num']} and --max_iters is {cfg.max_iters}; "
+                  f"give a larger --max_iters to go on")
+            return []
+    try:  # fail now, not after an evaluation interval of training
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, f'.write_test_{rank}')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f'--out_dir={cfg.out_dir} cannot be written: {e.strerror}')
     data = Data(cfg, rank)
-    os.makedirs(cfg.out_dir, exist_ok=True)
 
     # model and optimizer, fresh or from the checkpoint
     iter_num, best_val_loss = 0, float('inf')
