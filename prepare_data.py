@@ -8,10 +8,11 @@ $ python prepare_data.py --dataset=shakespeare        # tiny shakespeare, GPT-2 
 $ python prepare_data.py --input=notes.txt --tokenizer=char   # any local text file
 
 The needle dataset is the paper's retrieval test at toy scale: "the secret number is 42."
-hidden among filler sentences, then "what is the secret number? 42". It needs no download
+hidden among filler sentences, then "what is it? 42". It needs no download
 and is the same bytes for the same seed.
 """
-import argparse
+import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -21,10 +22,89 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 
 import numpy as np
 import tiktoken
 from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# flags: the one parser of all three scripts (train.py and sample.py import it from here,
+# since this file imports none of the others). --name=value, a bare --flag for True.
+
+def opt(default, help):
+    return field(default=default, metadata={'help': help})
+
+
+def check_values(cfg, positive=(), non_negative=(), choices={}):
+    """A ValueError naming the first flag whose value cannot work (parse_flags prints it in one line)."""
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f'--{name} must be > 0, got {getattr(cfg, name)}')
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f'--{name} must be >= 0, got {getattr(cfg, name)}')
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(map(repr, allowed))}; got {getattr(cfg, name)!r}")
+
+
+def parse_flags(cls, argv, doc):
+    """--name=value flags (and optional config files) over the defaults of dataclass cls."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for arg in argv:
+        if arg in ('-h', '--help'):
+            print(doc)
+            names = [f'--{f.name}={f.default if str(f.default).isprintable() else repr(f.default)}' for f in fields.values()]
+            width = min(32, max(map(len, names)))  # a longer default (a url) puts its help on the next line
+            for name, f in zip(names, fields.values()):
+                gap = '\n' + ' ' * (width + 4) if len(name) > width else ' ' * (width - len(name) + 2)
+                print(f'  {name}{gap}{f.metadata.get("help", "")}')
+            sys.exit(0)
+        if not arg.startswith('--'):  # a config file in nanoGPT's style: python assignments
+            if not os.path.isfile(arg):
+                hint = f"; did you mean --{arg}?" if '=' in arg else ''
+                sys.exit(f'error: {arg!r} is not a config file (flags are --name=value){hint}')
+            scope = {}
+            with open(arg) as fh:
+                exec(fh.read(), scope)
+            pairs = [(k, v) for k, v in scope.items() if not k.startswith('_')]
+        elif '=' not in arg:  # a bare --flag: True for a boolean
+            name = arg[2:]
+            if name in fields and type(fields[name].default) is not bool:
+                sys.exit(f'error: --{name} needs a value: --{name}=VALUE')
+            pairs = [(name, 'True')]
+        else:
+            pairs = [arg[2:].split('=', 1)]
+        for name, value in pairs:
+            if name not in fields:
+                close = difflib.get_close_matches(name, fields, n=1)
+                sys.exit(f'error: unknown flag --{name}' + (f' (did you mean --{close[0]}?)' if close else '')
+                         + f'; python {os.path.basename(sys.argv[0])} --help lists them')
+            values[name] = convert(name, value, type(fields[name].default))
+    try:
+        cfg = cls(**values)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    cfg.given = frozenset(values)  # what the user set, which a resumed run keeps over the checkpoint's config
+    return cfg
+
+
+def convert(name, value, kind):
+    """A flag's text (or a config file's value) as the field's type, or exit with a message."""
+    if not isinstance(value, str):
+        if isinstance(value, kind) or (kind is float and isinstance(value, int)):
+            return kind(value)
+        sys.exit(f'error: {name} expects {"an" if kind is int else "a"} {kind.__name__}, got {value!r}')
+    try:
+        if kind is bool:
+            if value.lower() not in ('true', 'false', '1', '0'):
+                raise ValueError
+            return value.lower() in ('true', '1')
+        return kind(value)
+    except ValueError:
+        sys.exit(f'error: --{name} expects {"an" if kind is int else "a"} {kind.__name__}, got {value!r}')
 
 # needle defaults (each one is also a --flag)
 DOC_LEN = 64         # max characters per document, question, answer and '\n' included
@@ -271,32 +351,42 @@ def prepare(dataset='needle', out_dir='data', **kwargs):
 
 # -----------------------------------------------------------------------------
 
+@dataclass
+class PrepareConfig:
+    dataset: str = opt('needle', f"one of {', '.join(DATASETS)}")
+    input: str = opt('', 'a local text file to use instead of --dataset')
+    tokenizer: str = opt('char', "for --input: 'char' or 'gpt2'")
+    name: str = opt('', 'the folder under data_dir (default: the dataset, or the --input file stem)')
+    data_dir: str = opt('data', 'where dataset folders go (train.py reads data/)')
+    url: str = opt(SHAKESPEARE_URL, 'tiny Shakespeare download url (a mirror)')
+    doc_len: int = opt(DOC_LEN, 'needle: max characters per document, question and answer included')
+    n_digits: int = opt(N_DIGITS, 'needle: digits of the secret number')
+    n_train_docs: int = opt(N_TRAIN_DOCS, 'needle: training documents')
+    n_val_docs: int = opt(N_VAL_DOCS, 'needle: validation documents')
+    n_eval: int = opt(N_EVAL, 'needle: held-out prompts in eval.json')
+    seed: int = opt(SEED, 'needle: train documents use seed, val seed+1, eval prompts seed+2')
+
+    def __post_init__(self):
+        check_values(self, positive=('n_digits', 'n_train_docs', 'n_val_docs', 'n_eval'),
+                     choices=dict(dataset=DATASETS, tokenizer=('char', 'gpt2')))
+        if self.doc_len < needle_min_len(self.n_digits):
+            raise ValueError(f'--doc_len={self.doc_len} is too short: a needle document with {self.n_digits} '
+                             f'digits needs at least {needle_min_len(self.n_digits)} characters')
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description='Write data/<name>/{train,val}.bin and meta.pkl.')
-    p.add_argument('--dataset', default='needle', help=f'one of {DATASETS}')
-    p.add_argument('--out_dir', default='data')
-    p.add_argument('--input', help='a local text file to use instead of --dataset')
-    p.add_argument('--tokenizer', default='char', choices=['char', 'gpt2'], help='for --input')
-    p.add_argument('--name', help='dataset folder name (default: the dataset, or the --input file stem)')
-    p.add_argument('--url', default=SHAKESPEARE_URL, help='shakespeare download url (a mirror)')
-    p.add_argument('--doc_len', type=int, default=DOC_LEN, help='needle: max characters per document')
-    p.add_argument('--n_digits', type=int, default=N_DIGITS, help='needle: digits of the secret number')
-    p.add_argument('--n_train_docs', type=int, default=N_TRAIN_DOCS)
-    p.add_argument('--n_val_docs', type=int, default=N_VAL_DOCS)
-    p.add_argument('--n_eval', type=int, default=N_EVAL, help='needle: held-out prompts in eval.json')
-    p.add_argument('--seed', type=int, default=SEED)
-    args = p.parse_args(argv)
+    args = parse_flags(PrepareConfig, sys.argv[1:] if argv is None else argv, __doc__)
     try:
         if args.input:
             name = args.name or os.path.splitext(os.path.basename(args.input))[0]
-            prepare_text(read_text(args.input), name, args.tokenizer, args.out_dir)
+            prepare_text(read_text(args.input), name, args.tokenizer, args.data_dir)
         elif args.dataset == 'needle':
-            prepare_needle(args.out_dir, args.name or 'needle', args.doc_len, args.n_digits,
+            prepare_needle(args.data_dir, args.name or 'needle', args.doc_len, args.n_digits,
                            args.n_train_docs, args.n_val_docs, args.n_eval, args.seed)
         elif args.name:
             raise DataError('--name only applies to --input and the needle dataset')
         else:
-            prepare(args.dataset, args.out_dir, url=args.url)
+            prepare(args.dataset, args.data_dir, url=args.url)
     except DataError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)

@@ -14,7 +14,8 @@ import torch
 
 import prepare_data
 from sisa import GPT, GPTConfig
-from train import check_values, clean_state_dict, load_checkpoint, opt, parse_flags, pick_device
+from prepare_data import check_values, opt, parse_flags
+from train import clean_state_dict, load_checkpoint, pick_device
 
 
 @dataclass

@@ -707,7 +707,7 @@ def test_shakespeare_from_mirror_url(server, tmp_path, monkeypatch):
     text = 'ROMEO:\nBut, soft! what light through yonder window breaks?\n' * 50
     (www / 'input.txt').write_bytes(text.encode())
     monkeypatch.setattr(pd, 'SHAKESPEARE_SHA256', hashlib.sha256(text.encode()).hexdigest()) # our stand-in file
-    pd.main(['--dataset=shakespeare_char', f'--url={url}/input.txt', f'--out_dir={tmp_path / "data"}'])
+    pd.main(['--dataset=shakespeare_char', f'--url={url}/input.txt', f'--data_dir={tmp_path / "data"}'])
     data_dir = tmp_path / 'data' / 'shakespeare_char'
     assert (data_dir / 'input.txt').read_text() == text # the raw file is cached beside the bins
     _, decode = pd.get_tokenizer(pd.load_meta(str(data_dir)))
@@ -847,7 +847,7 @@ def test_input_file_char_round_trips(tmp_path):
     text = ''.join(f'line {i}: the quick brown fox jumps over the lazy dog!\n' for i in range(200))
     path = tmp_path / 'mytext.txt'
     path.write_text(text, encoding='utf-8')
-    pd.main([f'--input={path}', '--tokenizer=char', f'--out_dir={tmp_path / "data"}'])
+    pd.main([f'--input={path}', '--tokenizer=char', f'--data_dir={tmp_path / "data"}'])
     data_dir = tmp_path / 'data' / 'mytext' # name defaults to the file stem
     meta = pd.load_meta(str(data_dir))
     _, decode = pd.get_tokenizer(meta)
@@ -856,15 +856,18 @@ def test_input_file_char_round_trips(tmp_path):
     assert train + val == text
     assert len(train) == int(0.9 * len(text))
 
-def test_main_rejects_unknown_flag(capsys):
+def test_main_rejects_unknown_flag():
     with pytest.raises(SystemExit) as e:
-        pd.main(['--bogus=3'])
-    assert e.value.code != 0 and '--bogus' in capsys.readouterr().err
+        pd.main(['--n_digit=3'])
+    assert 'unknown flag --n_digit (did you mean --n_digits?)' in str(e.value.code)
 
-def test_main_rejects_wrong_type(capsys):
-    with pytest.raises(SystemExit) as e:
-        pd.main(['--doc_len=long'])
-    assert e.value.code != 0 and '--doc_len' in capsys.readouterr().err
+def test_main_rejects_wrong_type_and_values_that_cannot_work(tmp_path):
+    for flag, message in [('--doc_len=long', '--doc_len expects an int'), ('--n_digits=0', '--n_digits must be > 0'),
+                          ('--n_train_docs=0', '--n_train_docs must be > 0'), ('--doc_len=10', '--doc_len=10 is too short')]:
+        with pytest.raises(SystemExit) as e:
+            pd.main([flag, f'--data_dir={tmp_path}'])
+        assert str(e.value.code).startswith('error: ' + message), flag
+    assert os.listdir(tmp_path) == []  # nothing left behind
 
 def test_main_prints_data_error_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1167,13 +1170,19 @@ def test_a_bare_boolean_flag_means_true_and_dtype_names_have_their_aliases():
 
 
 def test_help_describes_every_flag_in_aligned_columns(capsys):
-    for fn, cls in ((tr.main, tr.TrainConfig), (sp.main, sp.SampleConfig)):
+    for fn, cls in ((tr.main, tr.TrainConfig), (sp.main, sp.SampleConfig), (pd.main, pd.PrepareConfig)):
         exit_message(fn, ['--help'])
-        lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('  --')]
-        assert len(lines) == len(dataclasses.fields(cls))
-        starts = {len(l) - len(l[2:].split('  ', 1)[1].lstrip()) for l in lines}
-        assert len(starts) == 1  # every description starts in the same column
-        assert all(l[2:].split('  ', 1)[1].strip() for l in lines)
+        lines = capsys.readouterr().out.splitlines()
+        columns, described = set(), 0
+        for i, line in enumerate(lines):
+            if line.startswith('  --'):
+                parts = line[2:].split('  ', 1)
+                text = lines[i + 1] if len(parts) == 1 else line  # a long default puts its help on the next line
+                start = len(text) - len(text.lstrip()) if len(parts) == 1 else len(line) - len(parts[1].lstrip())
+                assert text.strip() and (len(parts) == 1 or parts[1].strip()), line
+                columns.add(start)
+                described += 1
+        assert described == len(dataclasses.fields(cls)) and len(columns) == 1, cls.__name__
 
 
 def test_a_new_run_never_replaces_another_and_a_resumed_run_keeps_its_model(workdir, capsys):

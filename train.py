@@ -15,14 +15,13 @@ Every setting below is a --name=value flag, and a bare --flag is True for a bool
 """
 import contextlib
 import dataclasses
-import difflib
 import json
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,11 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
+from prepare_data import check_values, convert, opt, parse_flags
 from sisa import GPT, GPTConfig
-
-
-def opt(default, help):
-    return field(default=default, metadata={'help': help})
 
 
 @dataclass
@@ -108,76 +104,6 @@ class TrainConfig:
 DTYPES = {'fp32': 'float32', 'float': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16', 'half': 'float16'}
 
 
-def check_values(cfg, positive=(), non_negative=(), choices={}):
-    """A ValueError naming the first flag whose value cannot work (parse_flags prints it in one line)."""
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f'--{name} must be > 0, got {getattr(cfg, name)}')
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f'--{name} must be >= 0, got {getattr(cfg, name)}')
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} must be one of {', '.join(map(repr, allowed))}; got {getattr(cfg, name)!r}")
-
-
-def parse_flags(cls, argv, doc):
-    """--name=value flags (and optional config files) over the defaults of dataclass cls."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for arg in argv:
-        if arg in ('-h', '--help'):
-            print(doc)
-            names = [f'--{f.name}={f.default if str(f.default).isprintable() else repr(f.default)}' for f in fields.values()]
-            width = max(map(len, names))
-            for name, f in zip(names, fields.values()):
-                print(f'  {name:<{width}}  {f.metadata.get("help", "")}')
-            sys.exit(0)
-        if not arg.startswith('--'):  # a config file in nanoGPT's style: python assignments
-            if not os.path.isfile(arg):
-                hint = f"; did you mean --{arg}?" if '=' in arg else ''
-                sys.exit(f'error: {arg!r} is not a config file (flags are --name=value){hint}')
-            scope = {}
-            with open(arg) as fh:
-                exec(fh.read(), scope)
-            pairs = [(k, v) for k, v in scope.items() if not k.startswith('_')]
-        elif '=' not in arg:  # a bare --flag: True for a boolean
-            name = arg[2:]
-            if name in fields and type(fields[name].default) is not bool:
-                sys.exit(f'error: --{name} needs a value: --{name}=VALUE')
-            pairs = [(name, 'True')]
-        else:
-            pairs = [arg[2:].split('=', 1)]
-        for name, value in pairs:
-            if name not in fields:
-                close = difflib.get_close_matches(name, fields, n=1)
-                sys.exit(f'error: unknown flag --{name}' + (f' (did you mean --{close[0]}?)' if close else '')
-                         + f'; python {os.path.basename(sys.argv[0])} --help lists them')
-            values[name] = convert(name, value, type(fields[name].default))
-    try:
-        cfg = cls(**values)
-    except ValueError as e:
-        sys.exit(f'error: {e}')
-    cfg.given = frozenset(values)  # what the user set, which a resumed run keeps over the checkpoint's config
-    return cfg
-
-
-def convert(name, value, kind):
-    """A flag's text (or a config file's value) as the field's type, or exit with a message."""
-    if not isinstance(value, str):
-        if isinstance(value, kind) or (kind is float and isinstance(value, int)):
-            return kind(value)
-        sys.exit(f'error: {name} expects {"an" if kind is int else "a"} {kind.__name__}, got {value!r}')
-    try:
-        if kind is bool:
-            if value.lower() not in ('true', 'false', '1', '0'):
-                raise ValueError
-            return value.lower() in ('true', '1')
-        return kind(value)
-    except ValueError:
-        sys.exit(f'error: --{name} expects {"an" if kind is int else "a"} {kind.__name__}, got {value!r}')
-
-
 # -----------------------------------------------------------------------------
 # data: nanoGPT's uint16 memmaps; the needle set also has document starts and eval prompts
 
@@ -191,8 +117,10 @@ class Data:
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
         if not os.path.exists(os.path.join(self.dir, 'train.bin')):
+            offline = (f' (offline, from a local copy: python prepare_data.py --input=path/to/input.txt '
+                       f'--name={cfg.dataset})' if cfg.dataset.startswith('shakespeare') else '')
             raise prepare_data.DataError(f'no dataset in {self.dir}; prepare it first with: '
-                                         f'python prepare_data.py --dataset={cfg.dataset}')
+                                         f'python prepare_data.py --dataset={cfg.dataset}{offline}')
         self.meta = prepare_data.load_meta(self.dir)
         self.encode, self.decode = prepare_data.get_tokenizer(self.meta)
         self.block_size, self.batch_size, self.seed = cfg.block_size, cfg.batch_size, cfg.seed
