@@ -511,8 +511,10 @@ def print_sample(model, data, device, ctx, n):
     model.eval()
     start = data.needles[0]['prompt'] if data.needles else '\n'
     idx = torch.tensor([data.encode(start)], device=device)[:, -model.config.block_size:]
-    with ctx:
-        out = model.generate(idx, n if not data.needles else len(data.needles[0]['answer']), temperature=0)
+    torch.manual_seed(0)
+    with ctx:  # the needle's answer greedily; text sampled (greedy text from a small model repeats one character)
+        out = model.generate(idx, len(data.needles[0]['answer']) if data.needles else n,
+                             temperature=0 if data.needles else 0.8, top_k=None if data.needles else 20)
     print('sample:\n' + data.decode(out[0].tolist()))
     if data.needles:
         print(f"(the secret number was {data.needles[0]['answer']})")
