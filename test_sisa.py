@@ -1210,3 +1210,8 @@ def test_an_out_dir_that_cannot_be_written_stops_before_training(workdir):
     os.replace('broken.pt', 'junk/ckpt.pt')
     got = exit_message(tr.main, TINY + ['--init_from=resume', '--out_dir=junk'])
     assert 'is not a checkpoint' in got and 'weights_only' not in got
+
+
+def test_eval_needles_zero_trains_without_needle_evaluation(workdir):
+    history = run_train('--max_iters=2', '--eval_interval=2', '--eval_needles=0')
+    assert [h['iter'] for h in history] == [0, 2] and all('needle_acc' not in h for h in history)

@@ -211,7 +211,7 @@ def evaluate(model, data, cfg, device, ctx):
         out[f'{split}_loss'] = float(np.mean(losses))
     for a in attns:
         a.record_stats = False
-    if data.needles:
+    if data.needles and cfg.eval_needles:  # --eval_needles=0: no needle evaluation
         out['needle_acc'] = needle_accuracy(model, data, data.needles[:cfg.eval_needles], device, ctx)
     if attns[0].sisa:  # lambda per head, mean decay half-life, how often the exact path chunked
         out['layers'] = [dict(lam=[round(v, 4) for v in a.stats['lam']],
@@ -576,7 +576,7 @@ def leak(out_dir, data, cfg):
 
 def compare(cfg):
     data = Data(cfg)
-    needle = data.needles is not None
+    needle = data.needles is not None and cfg.eval_needles > 0
     lengths = [L for L in (cfg.block_size * f // 4 for f in (1, 2, 3, 4, 5, 6))
                if L >= prepare_data.needle_min_len(data.meta.get('n_digits', 2))] if needle else []
     names = cfg.compare_models.split(',')
