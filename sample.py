@@ -15,7 +15,7 @@ import torch
 import prepare_data
 from sisa import GPT, GPTConfig
 from prepare_data import check_values, opt, parse_flags
-from train import clean_state_dict, load_checkpoint, pick_device
+from train import DTYPES, clean_state_dict, load_checkpoint, pick_device
 
 
 @dataclass
@@ -29,9 +29,12 @@ class SampleConfig:
     seed: int = opt(1337, 'random seed')
     device: str = opt('auto', "'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'")
     use_cache: bool = opt(True, 'cached decoding, one step per token (the same tokens as without)')
+    dtype: str = opt('auto', "'auto' (bf16 on CUDA where supported, else fp32), 'float32', 'bfloat16', 'float16'")
 
     def __post_init__(self):
-        check_values(self, positive=('num_samples', 'max_new_tokens'), non_negative=('temperature', 'top_k'))
+        self.dtype = DTYPES.get(self.dtype, self.dtype)
+        check_values(self, positive=('num_samples', 'max_new_tokens'), non_negative=('temperature', 'top_k'),
+                     choices=dict(dtype=('auto', 'float32', 'bfloat16', 'float16')))
 
 
 def main(argv):
@@ -57,7 +60,10 @@ def main(argv):
     if len(ids) > model.config.block_size:
         print(f'note: the prompt has {len(ids)} tokens; the model sees the last {model.config.block_size}')
     x = torch.tensor([ids], dtype=torch.long, device=device)
-    dtype = torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else None
+    if cfg.dtype == 'auto':
+        dtype = torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else None
+    else:
+        dtype = None if cfg.dtype == 'float32' else getattr(torch, cfg.dtype)
     ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     torch.manual_seed(cfg.seed)

@@ -1152,8 +1152,9 @@ def test_every_bad_value_stops_with_one_line_naming_its_flag(workdir, flags, mes
 def test_sample_checks_its_values_and_drops_a_prompt_files_last_newline(workdir, monkeypatch):
     for flag, message in [('--temperature=-1', '--temperature must be >= 0'), ('--top_k=-1', '--top_k must be >= 0'),
                           ('--max_new_tokens=-4', '--max_new_tokens must be > 0'),
-                          ('--num_samples=0', '--num_samples must be > 0')]:
+                          ('--num_samples=0', '--num_samples must be > 0'), ('--dtype=int8', '--dtype must be one of')]:
         assert message in exit_message(sp.main, [flag])
+    assert tr.parse_flags(sp.SampleConfig, ['--dtype=bf16'], '').dtype == 'bfloat16'
     run_train('--max_iters=2', '--eval_interval=2')
     open('prompt.txt', 'w').write('a dog naps. what is it?\n')  # as echo writes it
     prompts = []
