@@ -67,6 +67,12 @@ def _rows(X, rows, L, s_row, D: tl.constexpr):
 
 
 @triton.jit
+def _channel(X, rows, L, factor, DS: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows of R(Phi) C or R(Phi) B times factor (lambda for C, 1 for B), rounded as the dots read them."""
+    return _tf32(_rows(X, rows, L, DS, DS) * factor, PRECISION)
+
+
+@triton.jit
 def _tf32(x, PRECISION: tl.constexpr):
     """x rounded to the 10-bit mantissa a tf32 dot reads (a no-op for 'ieee'). The gradient of g sums
     C_i . dC_i and B_j . dB_j from these very values, so both sides of a pair see what the dot saw."""
@@ -89,7 +95,7 @@ def _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, 
                   DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
                   PRECISION: tl.constexpr):
     j = n0 + tl.arange(0, BLOCK_N)
-    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
+    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _channel(B, j, L, 1.0, DS, PRECISION)
     g_k = tl.load(G + j, mask=j < L, other=0.0)
     if not DIAGONAL:
         b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
@@ -104,17 +110,17 @@ def _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, 
 
 
 @triton.jit
-def _forward(Q, K, V, C, B, G, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, H, L, scale,
+def _forward(Q, K, V, C, B, G, LAM, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, H, L, scale,
              DH: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              PRECISION: tl.constexpr):
-    """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous."""
+    """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous; C is R(Phi) C, lambda applied here."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
     Q, K, V, O = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh, O + z * sob + h * soh
     C, B, G, LSE = C + bh * L * DS, B + bh * L * DS, G + bh * L, LSE + bh * L
     i = m0 + tl.arange(0, BLOCK_M)
-    q, c = _rows(Q, i, L, sql, DH), _rows(C, i, L, DS, DS)
+    q, c = _rows(Q, i, L, sql, DH), _channel(C, i, L, tl.load(LAM + h), DS, PRECISION)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
     c0 = tl.load(G + m0)                   # the offset for every key tile before this query tile
     c_off = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1; 1 / scale: shares q.k's accumulator
@@ -135,15 +141,79 @@ def _forward(Q, K, V, C, B, G, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, s
 
 
 # -----------------------------------------------------------------------------
-# backward: dk, dv, dB per key tile (walking the queries after it), then dq, dC per query
-# tile (walking the keys before it). P is recomputed from the saved log-sum-exp.
+# backward: dq, dC per query tile (walking the keys before it), then dk, dv, dB per key tile
+# (walking the queries after it). P is recomputed from the saved log-sum-exp. The first
+# kernel also writes delta_i = o_i . do_i, which the second reads.
 
 @triton.jit
-def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, scale, j, m0, L,
+def _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+             DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
+             PRECISION: tl.constexpr):
+    j = n0 + tl.arange(0, BLOCK_N)
+    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _channel(B, j, L, 1.0, DS, PRECISION)
+    g_k = tl.load(G + j, mask=j < L, other=0.0)
+    if not DIAGONAL:
+        b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
+    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    if DIAGONAL:
+        ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
+    dc += tl.dot(ds.to(b.dtype), b, input_precision=PRECISION)
+    return dq, dc
+
+
+@triton.jit
+def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, sqb, sqh, sql, skb, skh, skl,
+                 svb, svh, svl, sdb, sdh, sdl, sob, soh, sol, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N. DO and DQ share strides sd*.
+    The offset for key tiles wholly before the queries is g at the first query, as in _forward.
+    Writes dL/dR(Phi)C (lambda applied) and this tile's share of dL/dlambda, sum R(Phi)C . dC."""
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    z, h = bh // H, bh % H
+    Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
+    O, DO, DQ = O + z * sob + h * soh, DO + z * sdb + h * sdh, DQ + z * sdb + h * sdh
+    C, B, DC, G = C + bh * L * DS, B + bh * L * DS, DC + bh * L * DS, G + bh * L
+    LSE, DELTA, DGQ = LSE + bh * L, DELTA + bh * L, DGQ + bh * L
+    i = m0 + tl.arange(0, BLOCK_M)
+    lam = tl.load(LAM + h)
+    q, do, rc = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
+    c = _tf32(rc * lam, PRECISION)
+    delta = tl.sum(_rows(O, i, L, sol, DH).to(tl.float32) * do.to(tl.float32), 1)  # sum_j P_ij dP_ij = o_i . do_i
+    tl.store(DELTA + i, delta, mask=i < L)
+    g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
+    lse = tl.load(LSE + i, mask=i < L, other=0.0)
+    c0 = tl.load(G + m0)
+    dq = tl.zeros([BLOCK_M, DH], tl.float32)
+    dc = tl.zeros([BLOCK_M, DS], tl.float32)
+    for n0 in range(m0, m0 + BLOCK_M, BLOCK_N):     # key tiles on the diagonal
+        dq, dc = _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+                          DH, DS, BLOCK_N, True, PRECISION)
+    dg = tl.sum(c * dc, 1)          # sum_j dS_ij W_ij, from the very products the scores used
+    c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1, as in _forward
+    dc_off = tl.zeros([BLOCK_M, DS], tl.float32)
+    for n0 in range(0, m0, BLOCK_N):                # key tiles wholly before the queries
+        dq, dc_off = _dq_step(dq, dc_off, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+                              DH, DS, BLOCK_N, False, PRECISION)
+    dg += tl.sum(c * dc_off, 1) * scale
+    dc += dc_off * tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)[:, None]  # the factor c carried (b's is in dc_off)
+    d, e = tl.arange(0, DH), tl.arange(0, DS)
+    tl.store(DQ + i[:, None] * sdl + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
+    tl.store(DC + i[:, None] * DS + e[None, :], (dc * lam).to(DC.dtype.element_ty), mask=i[:, None] < L)
+    tl.store(DGQ + i, dg, mask=i < L)
+    tl.store(DLAM + bh * tl.num_programs(0) + m0 // BLOCK_M, tl.sum(rc * dc))  # rows past L are 0 in rc
+
+
+@triton.jit
+def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale, j, m0, L,
                DH: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
     i = m0 + tl.arange(0, BLOCK_M)
-    q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
+    q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _channel(C, i, L, lam, DS, PRECISION)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
     delta = tl.load(DELTA + i, mask=i < L, other=0.0)
@@ -169,95 +239,40 @@ def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, 
 
 
 @triton.jit
-def _backward_dkdv(Q, K, V, C, B, G, DO, LSE, DELTA, DK, DV, DB, DGK, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-                   sdb, sdh, sdl, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
+def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, sqb, sqh, sql, skb, skh, skl,
+                   svb, svh, svl, sdb, sdh, sdl, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """BLOCK_N keys of one (batch, head), walking query tiles of BLOCK_M. DO, DK, DV share strides sd*.
     BLOCK_N is _forward's BLOCK_M: the key tile is one block, and query tiles in later blocks
-    take the offset _forward took for them (g at their block's first row)."""
+    take the offset _forward took for them (g at their block's first row). Runs after
+    _backward_dq, whose delta it reads and whose query-side sum for dL/dg it completes."""
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
     Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
     DO, DK, DV = DO + z * sdb + h * sdh, DK + z * sdb + h * sdh, DV + z * sdb + h * sdh
     C, B, DB, G = C + bh * L * DS, B + bh * L * DS, DB + bh * L * DS, G + bh * L
-    LSE, DELTA, DGK = LSE + bh * L, DELTA + bh * L, DGK + bh * L
+    LSE, DELTA, DGQ, DG = LSE + bh * L, DELTA + bh * L, DGQ + bh * L, DG + bh * L
     j = n0 + tl.arange(0, BLOCK_N)
-    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
+    lam = tl.load(LAM + h)
+    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _channel(B, j, L, 1.0, DS, PRECISION)
     g_k = tl.load(G + j, mask=j < L, other=0.0)
     dk = tl.zeros([BLOCK_N, DH], tl.float32)
     dv = tl.zeros([BLOCK_N, DH], tl.float32)
     db = tl.zeros([BLOCK_N, DS], tl.float32)
     dg = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(n0, n0 + BLOCK_N, BLOCK_M):     # query tiles on the diagonal
-        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, scale, j, m0,
-                                    L, DH, DS, BLOCK_M, BLOCK_N, True, PRECISION)
+        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale,
+                                    j, m0, L, DH, DS, BLOCK_M, BLOCK_N, True, PRECISION)
     for m0 in range(n0 + BLOCK_N, L, BLOCK_M):      # query tiles wholly after the keys
-        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, g_k, scale, j, m0,
-                                    L, DH, DS, BLOCK_M, BLOCK_N, False, PRECISION)
+        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale,
+                                    j, m0, L, DH, DS, BLOCK_M, BLOCK_N, False, PRECISION)
     d, e = tl.arange(0, DH), tl.arange(0, DS)
     tl.store(DK + j[:, None] * sdl + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
     tl.store(DV + j[:, None] * sdl + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
     tl.store(DB + j[:, None] * DS + e[None, :], db.to(DB.dtype.element_ty), mask=j[:, None] < L)
-    tl.store(DGK + j, dg, mask=j < L)
-
-
-@triton.jit
-def _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-             DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-             PRECISION: tl.constexpr):
-    j = n0 + tl.arange(0, BLOCK_N)
-    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _rows(B, j, L, DS, DS)
-    g_k = tl.load(G + j, mask=j < L, other=0.0)
-    if not DIAGONAL:
-        b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
-    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
-    p = tl.exp2(s - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    if DIAGONAL:
-        ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
-    dc += tl.dot(ds.to(b.dtype), b, input_precision=PRECISION)
-    return dq, dc
-
-
-@triton.jit
-def _backward_dq(Q, K, V, C, B, G, DO, LSE, DELTA, DQ, DC, DGQ, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-                 sdb, sdh, sdl, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N.
-    The offset for key tiles wholly before the queries is g at the first query, as in _forward."""
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    z, h = bh // H, bh % H
-    Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
-    DO, DQ = DO + z * sdb + h * sdh, DQ + z * sdb + h * sdh
-    C, B, DC, G = C + bh * L * DS, B + bh * L * DS, DC + bh * L * DS, G + bh * L
-    LSE, DELTA, DGQ = LSE + bh * L, DELTA + bh * L, DGQ + bh * L
-    i = m0 + tl.arange(0, BLOCK_M)
-    q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
-    g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
-    lse = tl.load(LSE + i, mask=i < L, other=0.0)
-    delta = tl.load(DELTA + i, mask=i < L, other=0.0)
-    c0 = tl.load(G + m0)
-    dq = tl.zeros([BLOCK_M, DH], tl.float32)
-    dc = tl.zeros([BLOCK_M, DS], tl.float32)
-    for n0 in range(m0, m0 + BLOCK_M, BLOCK_N):     # key tiles on the diagonal
-        dq, dc = _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                          DH, DS, BLOCK_N, True, PRECISION)
-    dg = tl.sum(c * dc, 1)          # sum_j dS_ij W_ij, from the very products the scores used
-    c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1, as in _forward
-    dc_off = tl.zeros([BLOCK_M, DS], tl.float32)
-    for n0 in range(0, m0, BLOCK_N):                # key tiles wholly before the queries
-        dq, dc_off = _dq_step(dq, dc_off, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                              DH, DS, BLOCK_N, False, PRECISION)
-    dg += tl.sum(c * dc_off, 1) * scale
-    dc += dc_off * tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)[:, None]  # the factor c carried (b's is in dc_off)
-    d, e = tl.arange(0, DH), tl.arange(0, DS)
-    tl.store(DQ + i[:, None] * sdl + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
-    tl.store(DC + i[:, None] * DS + e[None, :], dc.to(DC.dtype.element_ty), mask=i[:, None] < L)
-    tl.store(DGQ + i, dg, mask=i < L)
+    # dL/dg_j = sum_i dS_ji W_ji - sum_i dS_ij W_ij: the query side from _backward_dq, the key side here
+    tl.store(DG + j, tl.load(DGQ + j, mask=j < L, other=0.0) - dg, mask=j < L)
 
 
 # -----------------------------------------------------------------------------
@@ -284,35 +299,29 @@ def _empty_bhld(like):  # (b, h, l, d) laid out as (b, l, h, d): the model resha
 
 
 def _launch(kernel, name, tiles, q, C, scale, *args):
-    """kernel[grid](*args) with CONFIG[name]; one program per tile of `tiles` rows, per batch x head."""
+    """kernel[grid](*args) with CONFIG[name]; one program per tile of `tiles` rows, per batch x head.
+
+    C and B stay fp32 whatever q's dtype, and their dots (the importance in every score, dC, dB)
+    run in tf32 beside q.k's bf16 or fp16: lambda C.B can be several times q.k / sqrt(d_h), and
+    bf16 operands (a relative rounding of 2^-8, tf32's is 2^-11) left errors 2 to 5x larger in the
+    output and in the gradients of lambda, log_alpha and theta, sums that nearly cancel (README:
+    Exactness). The kernels round every tile of them to tf32 as they load it (_channel, _decayed),
+    so that their sums for dL/dg see exactly what the dots saw."""
     b, h, l, d_h = q.shape
     config = CONFIG[name]
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
-    kernel[(triton.cdiv(l, config[tiles]), b * h)](*args, h, l, scale, DH=d_h, DS=C.size(-1),
-                                                  PRECISION=precision, **config)
-
-
-def _channels(RC, RB, lam, dtype):
-    """The kernel's C = lambda RC and B = RB, contiguous, in fp32 whatever q's dtype.
-
-    Their dots (the importance in every score, dC, dB) run in tf32 beside q.k's bf16 or fp16:
-    lambda C.B can be several times q.k / sqrt(d_h), and bf16 operands (a relative rounding of
-    2^-8, tf32's is 2^-11) left errors 2 to 5x larger in the output and in the gradients of
-    lambda, log_alpha and theta, sums that nearly cancel (README: performance). Rounded to tf32 here,
-    so that the kernels' sums for dL/dg see exactly what the dots saw (_tf32)."""
-    C, B = (lam.float()[None, :, None, None] * RC.float()).contiguous(), RB.float().contiguous()
-    if dtype != torch.float32:
-        C, B = (((t.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32) for t in (C, B))
-    return C, B
+    grid = (triton.cdiv(l, config[tiles]), b * h)
+    kernel[grid](*args, h, l, scale, DH=d_h, DS=C.size(-1), PRECISION=precision, **config)
+    return grid
 
 
 @torch.library.custom_op('nanosisa::attention', mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, RC: torch.Tensor, RB: torch.Tensor,
                g: torch.Tensor, lam: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    C, B = _channels(RC, RB, lam, q.dtype)
     o = _empty_bhld(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    _launch(_forward, 'forward', 'BLOCK_M', q, C, scale, q, k, v, C, B, g, o, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(o))
+    _launch(_forward, 'forward', 'BLOCK_M', q, RC, scale, q, k, v, RC, RB, g, lam, o, lse,
+            *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(o))
     return o, lse
 
 
@@ -326,22 +335,21 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                         RB: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                torch.Tensor, torch.Tensor]:
-    C, B = _channels(RC, RB, lam, q.dtype)
     dq, dk, dv = _empty_bhld(q), _empty_bhld(q), _empty_bhld(q)
-    do = do.transpose(1, 2).contiguous().transpose(1, 2)  # the same layout as dq, dk, dv
-    delta = (o.float() * do.float()).sum(-1)  # sum_j P_ij dP_ij = o_i . do_i
+    do = do.transpose(1, 2).contiguous().transpose(1, 2)  # the layout of dq, dk, dv
     # fp32: dlambda and dPhi are sums over the whole sequence of terms that nearly cancel
-    dC = torch.empty(C.shape, dtype=torch.float32, device=q.device)
-    dB = torch.empty(B.shape, dtype=torch.float32, device=q.device)
+    dRC, dRB = torch.empty_like(RC), torch.empty_like(RB)
     # dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it: each sum from the kernel that walks it, in fp32
-    dg_query, dg_key = torch.empty_like(lse), torch.empty_like(lse)
-    args = (q, k, v, C, B, g, do, lse, delta)
+    delta, dg_query, dg = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
+    dlam_tiles = torch.empty(q.size(0) * q.size(1), triton.cdiv(q.size(2), CONFIG['dq']['BLOCK_M']),
+                             dtype=torch.float32, device=q.device)  # one share of dL/dlambda per query tile
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
-    _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, C, scale, *args, dk, dv, dB, dg_key, *strides)
-    _launch(_backward_dq, 'dq', 'BLOCK_M', q, C, scale, *args, dq, dC, dg_query, *strides)
-    dRC = (lam.float()[None, :, None, None] * dC).to(RC.dtype)
-    dlam = (RC.float() * dC).sum((0, 2, 3)).to(lam.dtype)
-    return dq, dk, dv, dRC, dB.to(RB.dtype), dg_query - dg_key, dlam
+    _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, q, k, v, RC, RB, g, lam, o, do, lse,
+            delta, dq, dRC, dg_query, dlam_tiles, *strides, *_bhl(o))
+    _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, RC, scale, q, k, v, RC, RB, g, lam, do, lse,
+            delta, dg_query, dk, dv, dRB, dg, *strides)
+    dlam = dlam_tiles.view(q.size(0), q.size(1), -1).sum((0, 2)).to(lam.dtype)
+    return dq, dk, dv, dRC, dRB, dg, dlam
 
 
 @_attention_backward.register_fake
@@ -407,6 +415,7 @@ def sisa_attention_fused(q, k, v, RC, RB, g, lam):
         (b, h, l, d_h)
     """
     d_h = q.size(-1)
-    q, k, v, RC, RB = (_pad_to_pow2(t) for t in (q, k, v, RC, RB))
-    o, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam, 1.0 / math.sqrt(d_h))
+    q, k, v = (_pad_to_pow2(t) for t in (q, k, v))
+    RC, RB = (_pad_to_pow2(t.float()).contiguous() for t in (RC, RB))  # fp32: see _launch
+    o, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam.float().contiguous(), 1.0 / math.sqrt(d_h))
     return o[..., :d_h]
