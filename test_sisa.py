@@ -1083,13 +1083,14 @@ def test_ctrl_c_under_torchrun_stops_every_process_and_the_run_resumes_under_tor
     # step, they agree to stop, rank 0 saves once (torchrun itself then exits 1 with its own report)
     train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', train_py] + TINY + \
-          ['--max_iters=100000', '--eval_interval=100000', '--gradient_accumulation_steps=2']
+          ['--max_iters=100000', '--eval_interval=5', '--gradient_accumulation_steps=2']
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                          env=dict(os.environ, OMP_NUM_THREADS='1'))
     deadline = time.time() + 120
-    while not os.path.exists('out/log.jsonl') and time.time() < deadline:  # step 0 evaluated: training
+    # step 5 saved: both ranks have taken steps, so both hold the handler (a signal sent earlier,
+    # before a slow rank installs it, would kill that rank instead, which tests nothing)
+    while not os.path.exists('out/ckpt.pt') and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(1.0)
     os.killpg(p.pid, 2)  # SIGINT to torchrun and both workers
     out, _ = p.communicate(timeout=120)
     step = tr.load_checkpoint('out/ckpt.pt')['iter_num']
