@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -199,11 +200,13 @@ def needle_min_len(n_digits):
     """Length of a document with no filler at all: needle, space, question, answer, '\\n'."""
     return len(NEEDLE.format('0' * n_digits)) + 1 + len(QUESTION.format('0' * n_digits))
 
-def make_needle_docs(n, seed, doc_len=DOC_LEN, n_digits=N_DIGITS, full=False):
+def make_needle_docs(n, seed, doc_len=DOC_LEN, n_digits=N_DIGITS, full=False, lengths='uniform'):
     """
     n documents as (text, answer). text ends with the answer and '\\n'; len(text) <= doc_len.
-    Lengths vary uniformly up to doc_len, or with full=True fill doc_len as far as the
-    sentences allow (to within one short sentence), which is what a length sweep wants.
+    Lengths vary up to doc_len, uniformly or log-uniformly (as many documents between 64 and 128
+    characters as between 512 and 1024: short ones, where retrieval is learned fast, stay common
+    when doc_len is long), or with full=True fill doc_len as far as the sentences allow (to within
+    one short sentence), which is what a length sweep wants.
     """
     min_len = needle_min_len(n_digits)
     if doc_len < min_len:
@@ -213,7 +216,13 @@ def make_needle_docs(n, seed, doc_len=DOC_LEN, n_digits=N_DIGITS, full=False):
     docs = []
     for _ in tqdm(range(n), desc=f'needle docs (seed {seed})', disable=n < 5000):
         answer = str(rng.randrange(10 ** n_digits)).zfill(n_digits)
-        room = (doc_len if full else rng.randint(min_len, doc_len)) - min_len
+        if full:
+            length = doc_len
+        elif lengths == 'loguniform':
+            length = round(math.exp(rng.uniform(math.log(min_len), math.log(doc_len))))
+        else:
+            length = rng.randint(min_len, doc_len)
+        room = length - min_len
         sentences = []
         while room >= SHORTEST_SENTENCE + 1: # +1 for the space that joins it
             s = filler_sentence(rng)
@@ -230,15 +239,16 @@ def needle_eval_set(n, seed, doc_len=DOC_LEN, n_digits=N_DIGITS):
             for text, answer in make_needle_docs(n, seed, doc_len, n_digits, full=True)]
 
 def prepare_needle(out_dir='data', name='needle', doc_len=DOC_LEN, n_digits=N_DIGITS,
-                   n_train_docs=N_TRAIN_DOCS, n_val_docs=N_VAL_DOCS, n_eval=N_EVAL, seed=SEED):
+                   n_train_docs=N_TRAIN_DOCS, n_val_docs=N_VAL_DOCS, n_eval=N_EVAL, seed=SEED, lengths='uniform'):
     data_dir = os.path.join(out_dir, name)
     os.makedirs(data_dir, exist_ok=True)
-    meta = {**char_meta(NEEDLE_CHARS), 'dataset': 'needle', 'doc_len': doc_len, 'n_digits': n_digits}
+    meta = {**char_meta(NEEDLE_CHARS), 'dataset': 'needle', 'doc_len': doc_len, 'n_digits': n_digits,
+            'lengths': lengths}
     encode, _ = get_tokenizer(meta)
     # different seeds, so validation and eval are fresh draws rather than copies of training documents
     # (very short documents, with little or no filler, can still coincide by chance)
     for split, n, split_seed in [('train', n_train_docs, seed), ('val', n_val_docs, seed + 1)]:
-        texts = [text for text, _ in make_needle_docs(n, split_seed, doc_len, n_digits)]
+        texts = [text for text, _ in make_needle_docs(n, split_seed, doc_len, n_digits, lengths=lengths)]
         starts = np.cumsum([0] + [len(t) for t in texts[:-1]]) # one char is one token
         write_split(data_dir, split, encode(''.join(texts)))
         starts.astype(np.uint32).tofile(os.path.join(data_dir, f'{split}_starts.bin'))
@@ -246,7 +256,7 @@ def prepare_needle(out_dir='data', name='needle', doc_len=DOC_LEN, n_digits=N_DI
     with open(os.path.join(data_dir, 'eval.json'), 'w') as f:
         json.dump(needle_eval_set(n_eval, seed + 2, doc_len, n_digits), f, indent=1)
     write_meta(data_dir, meta)
-    print(f'wrote {data_dir} (vocab {meta["vocab_size"]}, doc_len {doc_len}, {n_eval} eval prompts)')
+    print(f'wrote {data_dir} (vocab {meta["vocab_size"]}, doc_len {doc_len}, {lengths} lengths, {n_eval} eval prompts)')
     return data_dir
 
 # -----------------------------------------------------------------------------
@@ -361,6 +371,7 @@ class PrepareConfig:
     url: str = opt(SHAKESPEARE_URL, 'tiny Shakespeare download url (a mirror)')
     doc_len: int = opt(DOC_LEN, 'needle: max characters per document, question and answer included')
     n_digits: int = opt(N_DIGITS, 'needle: digits of the secret number')
+    doc_lengths: str = opt('uniform', "needle: training and val document lengths, 'uniform' or 'loguniform' up to doc_len")
     n_train_docs: int = opt(N_TRAIN_DOCS, 'needle: training documents')
     n_val_docs: int = opt(N_VAL_DOCS, 'needle: validation documents')
     n_eval: int = opt(N_EVAL, 'needle: held-out prompts in eval.json')
@@ -368,7 +379,7 @@ class PrepareConfig:
 
     def __post_init__(self):
         check_values(self, positive=('n_digits', 'n_train_docs', 'n_val_docs', 'n_eval'),
-                     choices=dict(dataset=DATASETS, tokenizer=('char', 'gpt2')))
+                     choices=dict(dataset=DATASETS, tokenizer=('char', 'gpt2'), doc_lengths=('uniform', 'loguniform')))
         if self.doc_len < needle_min_len(self.n_digits):
             raise ValueError(f'--doc_len={self.doc_len} is too short: a needle document with {self.n_digits} '
                              f'digits needs at least {needle_min_len(self.n_digits)} characters')
@@ -382,7 +393,7 @@ def main(argv=None):
             prepare_text(read_text(args.input), name, args.tokenizer, args.data_dir)
         elif args.dataset == 'needle':
             prepare_needle(args.data_dir, args.name or 'needle', args.doc_len, args.n_digits,
-                           args.n_train_docs, args.n_val_docs, args.n_eval, args.seed)
+                           args.n_train_docs, args.n_val_docs, args.n_eval, args.seed, args.doc_lengths)
         elif args.name:
             raise DataError('--name only applies to --input and the needle dataset')
         else:

@@ -777,6 +777,20 @@ def test_needle_docs_fit_and_hold_exactly_one_needle():
         assert len({len(t) for t, _ in docs}) > 5 # lengths vary
         assert len({t.index('the secret') for t, _ in docs}) > 5 # and so does the needle's place
 
+def test_loguniform_lengths_spread_evenly_over_octaves():
+    # as many documents in each octave of length: the median near the geometric mean of the range
+    # (uniform puts it near the middle), every document still within doc_len and well formed
+    lo, hi = pd.needle_min_len(2), 1024
+    uniform, loguniform = ([len(t) for t, _ in pd.make_needle_docs(3000, seed=2, doc_len=hi, lengths=k)]
+                           for k in ('uniform', 'loguniform'))
+    assert abs(np.median(uniform) - (lo + hi) / 2) < 40
+    assert abs(np.median(loguniform) - math.sqrt(lo * hi)) < 20
+    octaves = np.histogram(np.log2(loguniform), bins=4, range=(math.log2(lo), math.log2(hi)))[0]
+    assert octaves.min() > 0.8 * octaves.max()
+    for text, answer in pd.make_needle_docs(300, seed=3, doc_len=hi, lengths='loguniform'):
+        assert len(text) <= hi and text.count('the secret number is') == 1 and text.endswith(f'? {answer}\n')
+
+
 def test_needle_doc_len_too_short_is_a_clear_error():
     with pytest.raises(DataError, match='too short'):
         pd.make_needle_docs(1, seed=0, doc_len=39)
