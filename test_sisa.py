@@ -1231,3 +1231,22 @@ def test_an_out_dir_that_cannot_be_written_stops_before_training(workdir):
 def test_eval_needles_zero_trains_without_needle_evaluation(workdir):
     history = run_train('--max_iters=2', '--eval_interval=2', '--eval_needles=0')
     assert [h['iter'] for h in history] == [0, 2] and all('needle_acc' not in h for h in history)
+
+
+def test_compare_in_parallel_processes_gives_the_table_of_one_after_another(workdir, capsys):
+    # every (model, seed) run of --compare in its own process: the same runs, the same table
+    flags = TINY + ['--compare=True', '--seeds=2', '--max_iters=4', '--eval_interval=2']
+    tables = {}
+    for jobs in (1, 2):
+        tr.main(flags + [f'--compare_jobs={jobs}', f'--out_dir=jobs{jobs}'])
+        tables[jobs] = capsys.readouterr().out.split('\n| ', 1)[1]
+        runs = json.load(open(f'jobs{jobs}/compare.json'))['runs']
+        assert sorted(runs) == ['sisa', 'softmax'] and all(len(r) == 2 for r in runs.values())
+    one, two = (json.load(open(f'jobs{j}/compare.json'))['runs'] for j in (1, 2))
+    for m in one:
+        for a, b in zip(one[m], two[m]):
+            assert [h['iter'] for h in a['history']] == [h['iter'] for h in b['history']] == [0, 2, 4]
+            assert [h['val_loss'] for h in a['history']] == pytest.approx([h['val_loss'] for h in b['history']], abs=1e-5)
+            assert a['sweep'].keys() == b['sweep'].keys() and len(a['sweep']) > 0
+    assert 'steps to 50% needle' in tables[1] and 'needle at length 64' in tables[1] and 'leak' in tables[1]
+    assert tables[1].count('\n') == tables[2].count('\n')

@@ -79,6 +79,7 @@ class TrainConfig:
     compare: bool = opt(False, 'train SISA and softmax over several seeds and print a table')
     compare_models: str = opt('sisa,softmax', "--compare: models from 'sisa', 'softmax', 'paper' (SISA, paper's offset)")
     seeds: int = opt(3, 'seeds for --compare')
+    compare_jobs: int = opt(1, '--compare: runs trained at once, each in its own process (small models leave a GPU idle)')
     benchmark: bool = opt(False, 'time training steps of SISA and softmax and print tokens/s')
     benchmark_iters: int = opt(20, 'timed steps per model for --benchmark (in 5 windows; the median counts)')
     benchmark_half_life: float = opt(0.0, "--benchmark: every SISA head's decay half-life in tokens (0: init, ~100)")
@@ -88,7 +89,8 @@ class TrainConfig:
     def __post_init__(self):
         self.dtype = DTYPES.get(self.dtype, self.dtype)
         check_values(self, positive=('batch_size', 'gradient_accumulation_steps', 'block_size', 'n_layer', 'n_head',
-                                     'n_embd', 'd_state', 'eval_interval', 'eval_iters', 'seeds', 'benchmark_iters'),
+                                     'n_embd', 'd_state', 'eval_interval', 'eval_iters', 'seeds', 'compare_jobs',
+                                     'benchmark_iters'),
                      non_negative=('max_iters', 'eval_needles', 'sample_tokens', 'learning_rate', 'min_lr',
                                    'weight_decay', 'warmup_iters', 'grad_clip', 'd_ff', 'vocab_size',
                                    'benchmark_half_life'),
@@ -574,6 +576,14 @@ def leak(out_dir, data, cfg):
                 flips=(a.argmax(-1) != b.argmax(-1)).float().mean().item())
 
 
+def compare_run(run, lengths):
+    """One model and seed of --compare: train it, then its length sweep and its leak."""
+    history = train(run, quiet=True)
+    data = Data(run)
+    sweep = length_sweep(run.out_dir, data, run, lengths) if lengths else {}
+    return dict(history=history, sweep=sweep, leak=leak(run.out_dir, data, run))
+
+
 def compare(cfg):
     data = Data(cfg)
     needle = data.needles is not None and cfg.eval_needles > 0
@@ -582,23 +592,32 @@ def compare(cfg):
     names = cfg.compare_models.split(',')
     if not names or any(m not in ('sisa', 'softmax', 'paper') for m in names):
         sys.exit(f"error: --compare_models takes 'sisa', 'softmax' and 'paper', comma-separated; got {cfg.compare_models!r}")
-    runs = {m: [] for m in names}
-    bar = tqdm(total=len(runs) * cfg.seeds, desc='compare')
-    for s in range(cfg.seeds):
-        for m in runs:
-            run = dataclasses.replace(cfg, attention='softmax' if m == 'softmax' else 'sisa',
-                                      sisa_offset='paper' if m == 'paper' else 'exact', seed=cfg.seed + s,
-                                      compare=False, sample_tokens=0, init_from='scratch',
-                                      out_dir=os.path.join(cfg.out_dir, f'{m}_seed{s}'))
-            history = train(run, quiet=True)
-            sweep = length_sweep(run.out_dir, data, run, lengths) if needle else {}
-            runs[m].append(dict(history=history, sweep=sweep, leak=leak(run.out_dir, data, run)))
-            bar.update(1)
-            first = steps_to(history, 1.0)
-            bar.write(f"{m} seed {cfg.seed + s}: val loss {history[-1]['val_loss']:.4f}"
-                      + (f", needle {history[-1]['needle_acc']:.0%}, "
-                         + ('never 100%' if first is None else f'first 100% at step {first}') if needle else ''))
+    jobs = [(m, s, dataclasses.replace(cfg, attention='softmax' if m == 'softmax' else 'sisa',
+                                       sisa_offset='paper' if m == 'paper' else 'exact', seed=cfg.seed + s,
+                                       compare=False, sample_tokens=0, init_from='scratch',
+                                       out_dir=os.path.join(cfg.out_dir, f'{m}_seed{s}')))
+            for s in range(cfg.seeds) for m in names]
+    results = {}
+    bar = tqdm(total=len(jobs), desc='compare')
+
+    def done(m, s, r):
+        results[m, s] = r
+        bar.update(1)
+        first = steps_to(r['history'], 1.0)
+        bar.write(f"{m} seed {cfg.seed + s}: val loss {r['history'][-1]['val_loss']:.4f}"
+                  + (f", needle {r['history'][-1]['needle_acc']:.0%}, "
+                     + ('never 100%' if first is None else f'first 100% at step {first}') if needle else ''))
+
+    if cfg.compare_jobs == 1:
+        for m, s, run in jobs:
+            done(m, s, compare_run(run, lengths))
+    else:  # each run in a fresh process; the results are the same as one after another (a test checks)
+        with torch.multiprocessing.get_context('spawn').Pool(min(cfg.compare_jobs, len(jobs))) as pool:
+            pending = [(m, s, pool.apply_async(compare_run, (run, lengths))) for m, s, run in jobs]
+            for m, s, r in pending:
+                done(m, s, r.get())
     bar.close()
+    runs = {m: [results[m, s] for s in range(cfg.seeds)] for m in names}
     with open(os.path.join(cfg.out_dir, 'compare.json'), 'w') as f:
         json.dump(dict(config=dataclasses.asdict(cfg), runs=runs), f)
 
