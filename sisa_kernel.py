@@ -111,9 +111,10 @@ def _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, 
 
 @triton.jit
 def _forward(Q, K, V, C, B, G, LAM, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, H, L, scale,
-             DH: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              PRECISION: tl.constexpr):
-    """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous; C is R(Phi) C, lambda applied here."""
+    """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous; C is R(Phi) C, lambda applied here.
+    BLOCK_M and BLOCK_N divide BLOCK, the length of the blocks that decide each pair's offset."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
@@ -122,16 +123,17 @@ def _forward(Q, K, V, C, B, G, LAM, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, s
     i = m0 + tl.arange(0, BLOCK_M)
     q, c = _rows(Q, i, L, sql, DH), _channel(C, i, L, tl.load(LAM + h), DS, PRECISION)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
-    c0 = tl.load(G + m0)                   # the offset for every key tile before this query tile
+    b0 = m0 - m0 % BLOCK                   # the first row of the queries' block
+    c0 = tl.load(G + b0)                   # the offset for every key before that block
     c_off = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1; 1 / scale: shares q.k's accumulator
 
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, DH], tl.float32)
-    for n0 in range(0, m0, BLOCK_N):                     # key tiles wholly in the past
+    for n0 in range(0, b0, BLOCK_N):                     # key tiles in earlier blocks
         acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
                                       DH, DS, BLOCK_N, False, PRECISION)
-    for n0 in range(m0, m0 + BLOCK_M, BLOCK_N):          # key tiles on the diagonal
+    for n0 in range(b0, m0 + BLOCK_M, BLOCK_N):          # key tiles in the queries' block (pairwise)
         acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
                                       DH, DS, BLOCK_N, True, PRECISION)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -168,9 +170,9 @@ def _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale,
 @triton.jit
 def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, sqb, sqh, sql, skb, skh, skl,
                  svb, svh, svl, sdb, sdh, sdl, sob, soh, sol, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N. DO and DQ share strides sd*.
-    The offset for key tiles wholly before the queries is g at the first query, as in _forward.
+    The offset for keys in earlier blocks is g at the queries' block's first row, as in _forward.
     Writes dL/dR(Phi)C (lambda applied) and this tile's share of dL/dlambda, sum R(Phi)C . dC."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -187,16 +189,17 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, sq
     tl.store(DELTA + i, delta, mask=i < L)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
-    c0 = tl.load(G + m0)
+    b0 = m0 - m0 % BLOCK
+    c0 = tl.load(G + b0)
     dq = tl.zeros([BLOCK_M, DH], tl.float32)
     dc = tl.zeros([BLOCK_M, DS], tl.float32)
-    for n0 in range(m0, m0 + BLOCK_M, BLOCK_N):     # key tiles on the diagonal
+    for n0 in range(b0, m0 + BLOCK_M, BLOCK_N):     # key tiles in the queries' block (pairwise)
         dq, dc = _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
                           DH, DS, BLOCK_N, True, PRECISION)
     dg = tl.sum(c * dc, 1)          # sum_j dS_ij W_ij, from the very products the scores used
     c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1, as in _forward
     dc_off = tl.zeros([BLOCK_M, DS], tl.float32)
-    for n0 in range(0, m0, BLOCK_N):                # key tiles wholly before the queries
+    for n0 in range(0, b0, BLOCK_N):                # key tiles in earlier blocks
         dq, dc_off = _dq_step(dq, dc_off, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
                               DH, DS, BLOCK_N, False, PRECISION)
     dg += tl.sum(c * dc_off, 1) * scale
@@ -210,7 +213,7 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, sq
 
 @triton.jit
 def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale, j, m0, L,
-               DH: tl.constexpr, DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
     i = m0 + tl.arange(0, BLOCK_M)
     q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _channel(C, i, L, lam, DS, PRECISION)
@@ -218,7 +221,7 @@ def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, 
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
     delta = tl.load(DELTA + i, mask=i < L, other=0.0)
     if not DIAGONAL:  # the offset _forward took for these queries: g at the start of their block
-        c0 = tl.load(G + m0 - m0 % BLOCK_N)
+        c0 = tl.load(G + m0 - m0 % BLOCK)
         c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1
         b = _decayed(b, c0, g_k, 1.0, PRECISION)        # exp(c0 - g_j) <= 1
     s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
@@ -241,11 +244,11 @@ def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, 
 @triton.jit
 def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, sqb, sqh, sql, skb, skh, skl,
                    svb, svh, svl, sdb, sdh, sdl, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """BLOCK_N keys of one (batch, head), walking query tiles of BLOCK_M. DO, DK, DV share strides sd*.
-    BLOCK_N is _forward's BLOCK_M: the key tile is one block, and query tiles in later blocks
-    take the offset _forward took for them (g at their block's first row). Runs after
-    _backward_dq, whose delta it reads and whose query-side sum for dL/dg it completes."""
+    Queries in the keys' block pair with them pairwise; query tiles in later blocks take the
+    offset _forward took for them (g at their block's first row). Runs after _backward_dq,
+    whose delta it reads and whose query-side sum for dL/dg it completes."""
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
@@ -261,12 +264,13 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, s
     dv = tl.zeros([BLOCK_N, DH], tl.float32)
     db = tl.zeros([BLOCK_N, DS], tl.float32)
     dg = tl.zeros([BLOCK_N], tl.float32)
-    for m0 in range(n0, n0 + BLOCK_N, BLOCK_M):     # query tiles on the diagonal
+    b1 = n0 - n0 % BLOCK + BLOCK                    # the end of the keys' block
+    for m0 in range(n0 - n0 % BLOCK_M, b1, BLOCK_M):  # query tiles in the keys' block (pairwise)
         dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale,
-                                    j, m0, L, DH, DS, BLOCK_M, BLOCK_N, True, PRECISION)
-    for m0 in range(n0 + BLOCK_N, L, BLOCK_M):      # query tiles wholly after the keys
+                                    j, m0, L, DH, DS, BLOCK, BLOCK_M, True, PRECISION)
+    for m0 in range(b1, L, BLOCK_M):                # query tiles in later blocks
         dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale,
-                                    j, m0, L, DH, DS, BLOCK_M, BLOCK_N, False, PRECISION)
+                                    j, m0, L, DH, DS, BLOCK, BLOCK_M, False, PRECISION)
     d, e = tl.arange(0, DH), tl.arange(0, DS)
     tl.store(DK + j[:, None] * sdl + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
     tl.store(DV + j[:, None] * sdl + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
@@ -279,13 +283,19 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, s
 # The op: forward and backward registered with torch.library, so torch.compile sees one
 # opaque call (no graph break) and autograd knows its gradient.
 
-# Tile shapes, warps and pipeline stages per kernel, measured on one H100 (README: performance).
-# The tile along the walked axis divides the other: forward and dq walk keys, dkdv walks queries.
-# The blocks that decide each pair's offset are BLOCK rows long in all three kernels (see _backward_dkdv).
-BLOCK = 64
-CONFIG = dict(forward=dict(BLOCK_M=BLOCK, BLOCK_N=64, num_warps=4, num_stages=3),
-              dkdv=dict(BLOCK_M=64, BLOCK_N=BLOCK, num_warps=4, num_stages=3),
-              dq=dict(BLOCK_M=BLOCK, BLOCK_N=64, num_warps=4, num_stages=3))
+# Tile shapes, warps and pipeline stages per kernel, measured on one H100 (README: Performance).
+# BLOCK is the length of the blocks that decide each pair's offset: the same in all three kernels,
+# and every tile divides it. Under Triton's interpreter (the CPU tests, at about 70 tokens) the
+# tiles are small and of different sizes, so that a short sequence crosses blocks and tiles.
+CONFIG = dict(BLOCK=64, forward=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+              dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+              dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
+INTERPRETED = dict(BLOCK=32, forward=dict(BLOCK_M=16, BLOCK_N=32), dkdv=dict(BLOCK_M=32, BLOCK_N=16),
+                   dq=dict(BLOCK_M=32, BLOCK_N=16))
+
+
+def _config(t):
+    return CONFIG if t.is_cuda else INTERPRETED
 
 
 def _bhl(t):  # (batch, head, row) strides of a (b, h, l, d) tensor
@@ -308,10 +318,12 @@ def _launch(kernel, name, tiles, q, C, scale, *args):
     Exactness). The kernels round every tile of them to tf32 as they load it (_channel, _decayed),
     so that their sums for dL/dg see exactly what the dots saw."""
     b, h, l, d_h = q.shape
-    config = CONFIG[name]
+    config = _config(q)
+    assert all(config['BLOCK'] % config[name][t] == 0 for t in ('BLOCK_M', 'BLOCK_N')), 'tiles must divide BLOCK'
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
-    grid = (triton.cdiv(l, config[tiles]), b * h)
-    kernel[grid](*args, h, l, scale, DH=d_h, DS=C.size(-1), PRECISION=precision, **config)
+    grid = (triton.cdiv(l, config[name][tiles]), b * h)
+    kernel[grid](*args, h, l, scale, DH=d_h, DS=C.size(-1), PRECISION=precision, BLOCK=config['BLOCK'],
+                 **config[name])
     return grid
 
 
@@ -341,7 +353,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dRC, dRB = torch.empty_like(RC), torch.empty_like(RB)
     # dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it: each sum from the kernel that walks it, in fp32
     delta, dg_query, dg = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
-    dlam_tiles = torch.empty(q.size(0) * q.size(1), triton.cdiv(q.size(2), CONFIG['dq']['BLOCK_M']),
+    dlam_tiles = torch.empty(q.size(0) * q.size(1), triton.cdiv(q.size(2), _config(q)['dq']['BLOCK_M']),
                              dtype=torch.float32, device=q.device)  # one share of dL/dlambda per query tile
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
     _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, q, k, v, RC, RB, g, lam, o, do, lse,
