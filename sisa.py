@@ -331,6 +331,23 @@ class GPTConfig:
         return d_ff
 
 
+def padded_linear(x, layer, pad_in=0, pad_out=0):
+    """layer(x), computed with pad_in zero columns appended to x and to the weight, and pad_out
+    zero rows to the weight (cut off the output): the same numbers, in widths cuBLAS runs fast.
+
+    SISA's widths are odd: its SwiGLU is the Transformer's less what the SSM costs (2908 at
+    the 152M shape), its SSM projection 492. cuBLAS's fast kernels want rows of a multiple of
+    16 bytes; on one H100 padding the two took the 152M training step from 65.5 to 60.8 ms."""
+    weight, bias = layer.weight, layer.bias
+    if pad_in:
+        x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in))
+    if pad_out:
+        weight = F.pad(weight, (0, 0, 0, pad_out))
+        bias = None if bias is None else F.pad(bias, (0, pad_out))
+    y = F.linear(x, weight, bias)
+    return y[..., :layer.out_features] if pad_out else y
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight."""
 
@@ -400,7 +417,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=start == 0)
         else:
-            B, C, a, theta = self.c_ssm(x).split(self.ssm_widths, dim=-1)
+            pad = -self.c_ssm.out_features % 64 if x.is_cuda else 0  # see padded_linear
+            B, C, a, theta = padded_linear(x, self.c_ssm, pad_out=pad).split(self.ssm_widths, dim=-1)
             B = B.view(b, l, h, d_s).transpose(1, 2)                    # (b, h, l, d_s)
             C = C.view(b, l, h, d_s).transpose(1, 2)                    # (b, h, l, d_s)
             theta = theta.view(b, l, h, d_s // 2).transpose(1, 2)      # (b, h, l, d_s/2)
@@ -471,7 +489,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.c_fc(x).chunk(2, dim=-1)
-        return self.dropout(self.c_proj(F.silu(gate) * up))
+        pad = -self.d_ff % 8 if x.is_cuda else 0  # see padded_linear
+        return self.dropout(padded_linear(F.silu(gate) * up, self.c_proj, pad_in=pad))
 
 
 class Block(nn.Module):

@@ -298,6 +298,27 @@ def test_sisa_and_softmax_models_have_the_same_parameter_count(shape):
     assert GPTConfig(attention='softmax', **shape).ffn_hidden() > cfg.ffn_hidden()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_padded_linear_is_the_layer_in_value_and_gradient(device, bias):
+    # CUDA pads SISA's odd widths (SwiGLU 2908, SSM 492 at 152M) so cuBLAS runs its fast kernels
+    from sisa import padded_linear
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(29, 13, bias=bias).to(device)
+    x = torch.randn(3, 5, 29, device=device)
+    results = []
+    for pad_in, pad_out in ((0, 0), (3, 0), (0, 19), (3, 19)):
+        layer.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = padded_linear(xg, layer, pad_in=pad_in, pad_out=pad_out)
+        assert y.shape == (3, 5, 13)
+        (y * torch.arange(13, device=device)).sum().backward()
+        results.append([y, xg.grad, layer.weight.grad] + ([layer.bias.grad] if bias else []))
+    for got in results[1:]:
+        for a, e in zip(got, results[0]):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][0], layer(x))
+
+
 def test_lambda_raw_stays_fp32_and_every_ssm_parameter_gets_a_gradient_under_bf16_autocast():
     torch.manual_seed(0)
     model = GPT(tiny_config())
