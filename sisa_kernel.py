@@ -384,17 +384,48 @@ def _backward(ctx, do, dlse):
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+@triton.jit
+def _cumsum(X, Y, s1, s2, sl, si, P2, L, I, CHUNK: tl.constexpr, WIDTH: tl.constexpr, REVERSE: tl.constexpr):
+    """Y = cumsum of X along L, for X of shape (P1, P2, L, I) with any strides; Y contiguous.
+    One program per CHUNK rows of one (p1, p2): it sums the rows before its chunk itself (the
+    chunks run in parallel, not one after another) and adds them to its chunk's own scan.
+    REVERSE scans from the end: row r is step L - 1 - r."""
+    c, p = tl.program_id(0), tl.program_id(1)
+    X, Y = X + (p // P2) * s1 + (p % P2) * s2, Y + p * L * I
+    col = tl.arange(0, WIDTH)
+    before = tl.zeros([WIDTH], Y.dtype.element_ty)
+    for t0 in range(0, c * CHUNK, CHUNK):          # the steps before this chunk
+        t = t0 + tl.arange(0, CHUNK)
+        r = L - 1 - t if REVERSE else t
+        x = tl.load(X + r[:, None] * sl + col[None, :] * si, mask=(t[:, None] < L) & (col[None, :] < I), other=0.0)
+        before += tl.sum(x.to(Y.dtype.element_ty), 0)
+    t = c * CHUNK + tl.arange(0, CHUNK)
+    r = L - 1 - t if REVERSE else t
+    mask = (t[:, None] < L) & (col[None, :] < I)
+    x = tl.load(X + r[:, None] * sl + col[None, :] * si, mask=mask, other=0.0).to(Y.dtype.element_ty)
+    tl.store(Y + r[:, None] * I + col[None, :], tl.cumsum(x, 0) + before[None, :], mask=mask)
+
+
 @torch.library.custom_op('nanosisa::cumsum', mutates_args=())
 def cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
-    """torch.cumsum (reverse: from the end) as an op torch.compile does not look into: inductor
-    (torch 2.11) failed to generate code for g's cumsum once the whole model step was one graph
-    ("SplitScan"). It scans along a contiguous last axis: theta's axis of time is not last,
-    and a scan along it runs one thread per column (8 of them per head) down 2048 rows."""
-    y = x.movedim(dim, -1)
-    y = y.flip(-1) if reverse else y.contiguous()
-    y = torch.cumsum(y, -1)
-    y = y.flip(-1) if reverse else y
-    return y.movedim(-1, dim).contiguous()
+    """torch.cumsum (reverse: from the end), contiguous, as a Triton scan that reads x in its
+    own layout. torch.compile does not look into it: inductor (torch 2.11) failed to generate
+    code for g's cumsum once the whole model step was one graph ("SplitScan"). And theta is a
+    view of the SSM projection, its axis of time not last: torch.cumsum there needed a copy,
+    a flip each way for the reverse scan of the backward pass, and a copy back. On one H200
+    the scan took the 152M training step from 57.7 to 56.9 ms."""
+    shape, dim = x.shape, dim % x.dim()
+    if dim > 2:                                    # at most two axes before the scanned one
+        x = x.flatten(0, dim - 2)
+    elif dim < 2:
+        x = x[(None,) * (2 - dim)]
+    x = x.flatten(3) if x.dim() > 4 else x.unsqueeze(-1) if x.dim() == 3 else x  # (P1, P2, L, I)
+    p1, p2, l, i = x.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    chunk = 256 if x.is_cuda else 16               # small under the interpreter: the tests cross chunks
+    _cumsum[(triton.cdiv(l, chunk), p1 * p2)](x, y, x.stride(0), x.stride(1), x.stride(2), x.stride(3), p2, l, i,
+                                              CHUNK=chunk, WIDTH=triton.next_power_of_2(i), REVERSE=reverse)
+    return y.view(shape)
 
 
 @cumsum.register_fake
