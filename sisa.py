@@ -222,7 +222,7 @@ def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='
         return paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p)
     if fused_kernel(kernel, q.device, dropout_p):
         import sisa_kernel  # imports Triton: only where it is used
-        g, RC, RB = ssm_channels(C, B, log_alpha, theta, cumsum=sisa_kernel.cumsum)
+        g, RC, RB = sisa_kernel.channels(C, B, log_alpha, theta)  # ssm_channels, fused
         return sisa_kernel.sisa_attention_fused(q, k, v, RC, RB, g, lam)
     g, RC, RB = ssm_channels(C, B, log_alpha, theta)
     s = d_h ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]  # (1, h, 1, 1)

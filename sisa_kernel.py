@@ -438,6 +438,219 @@ cumsum.register_autograd(lambda ctx, grad: (cumsum(grad, ctx.dim, not ctx.revers
                                                                                        reverse=inputs[2]))
 
 
+# -----------------------------------------------------------------------------
+# The SSM's channels, sisa.ssm_channels in one kernel each way: the two scans (g and Phi),
+# the rotation R(Phi) of C and B, and in the backward pass the rotation's transpose, dL/dPhi
+# and the two reverse scans. Left to inductor these were six kernels a layer, and the
+# rotation's backward evaluated sin and cos for every element of the SSM projection's gradient.
+
+@triton.jit
+def _cos_sin(phi):
+    """cos and sin of phi, brought into [-pi, pi] first: the GPU's fast sin and cos lose accuracy
+    with the size of the angle, and Phi, a sum over the sequence, grows without bound.
+    2 pi = 6.28125 + 0.00193530717958...: k * 6.28125 is exact in fp32 for |k| < 2^16."""
+    k = tl.floor(phi * 0.15915494309189535 + 0.5)
+    r = phi - k * 6.28125 - k * 0.0019353071795864769
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def _pairs(X, t, s_row, s_col, L, DS, DSP: tl.constexpr):
+    """Rows t of a strided (l, DS) slab, loaded whole and split into its pairs (x[2m], x[2m+1]):
+    two (rows, DSP // 2) tiles in fp32. DSP is DS rounded up to a power of two (zeros past DS)."""
+    e = tl.arange(0, DSP)
+    x = tl.load(X + t[:, None] * s_row + e[None, :] * s_col, mask=(t[:, None] >= 0) & (t[:, None] < L)
+                & (e[None, :] < DS), other=0.0)
+    return tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], DSP // 2, 2)))
+
+
+@triton.jit
+def _store_pairs(X, t, s_row, L, DS, x0, x1, DSP: tl.constexpr):
+    """The inverse of _pairs: rows t of a (l, DS) slab with unit column stride, from its pairs."""
+    e = tl.arange(0, DSP)
+    x = tl.reshape(tl.join(x0, x1), (x0.shape[0], DSP))
+    tl.store(X + t[:, None] * s_row + e[None, :], x.to(X.dtype.element_ty),
+             mask=(t[:, None] >= 0) & (t[:, None] < L) & (e[None, :] < DS))
+
+
+@triton.jit
+def _channels_forward(C, B, A, TH, G, RC, RB, PHI, scb, sch, scl, scd, sbb, sbh, sbl, sbd, sab, sah, sal,
+                      stb, sth, stl, std, H, L, HALF, CHUNK: tl.constexpr, CARRY: tl.constexpr,
+                      WIDTH: tl.constexpr):
+    """CHUNK steps of one (batch, head): g_t = sum_{k<=t} log_alpha_k, Phi_t = sum_{k<=t} theta_k,
+    then R(Phi_t) C_t and R(Phi_t) B_t. Inputs are read by strides (views of the projection);
+    G, RC, RB, PHI are contiguous (b, h, l, .) fp32."""
+    t0, bh = tl.program_id(0) * CHUNK, tl.program_id(1)
+    z, h = bh // H, bh % H
+    C, B, A, TH = C + z * scb + h * sch, B + z * sbb + h * sbh, A + z * sab + h * sah, TH + z * stb + h * sth
+    G, PHI, RC, RB = G + bh * L, PHI + bh * L * HALF, RC + bh * L * 2 * HALF, RB + bh * L * 2 * HALF
+    m = tl.arange(0, WIDTH)                                 # pairs
+    # Every chunk sums the steps before it itself (rows of d_s / 2 + 1 numbers), in CARRY-row
+    # loads: the chunks run in parallel, not one after another.
+    g0, phi0 = tl.zeros([], tl.float32), tl.zeros([WIDTH], tl.float32)
+    for s0 in range(0, t0, CARRY):
+        s = s0 + tl.arange(0, CARRY)
+        g0 += tl.sum(tl.load(A + s * sal, mask=s < t0, other=0.0).to(tl.float32), 0)
+        th = tl.load(TH + s[:, None] * stl + m[None, :] * std, mask=(s[:, None] < t0) & (m[None, :] < HALF), other=0.0)
+        phi0 += tl.sum(th.to(tl.float32), 0)
+    t = t0 + tl.arange(0, CHUNK)
+    mask = (t[:, None] < L) & (m[None, :] < HALF)
+    g = tl.cumsum(tl.load(A + t * sal, mask=t < L, other=0.0).to(tl.float32), 0) + g0
+    th = tl.load(TH + t[:, None] * stl + m[None, :] * std, mask=mask, other=0.0)
+    phi = tl.cumsum(th.to(tl.float32), 0) + phi0[None, :]
+    tl.store(G + t, g, mask=t < L)
+    tl.store(PHI + t[:, None] * HALF + m[None, :], phi, mask=mask)
+    cos, sin = _cos_sin(phi)
+    c0, c1 = _pairs(C, t, scl, scd, L, 2 * HALF, 2 * WIDTH)
+    _store_pairs(RC, t, 2 * HALF, L, 2 * HALF, c0 * cos - c1 * sin, c0 * sin + c1 * cos, 2 * WIDTH)
+    b0, b1 = _pairs(B, t, sbl, sbd, L, 2 * HALF, 2 * WIDTH)
+    _store_pairs(RB, t, 2 * HALF, L, 2 * HALF, b0 * cos - b1 * sin, b0 * sin + b1 * cos, 2 * WIDTH)
+
+
+@triton.jit
+def _rotate_back(X, DR, DX, t, s_row, s_col, s_out, L, HALF, cos, sin, WIDTH: tl.constexpr):
+    """DX[t] = R(Phi_t)^T dL/dRX_t (per pair: d0 cos + d1 sin, d1 cos - d0 sin); returns this
+    channel's share of dL/dPhi_t, RX_0 d1 - RX_1 d0 (dR/dPhi is R turned by 90 degrees)."""
+    x0, x1 = _pairs(X, t, s_row, s_col, L, 2 * HALF, 2 * WIDTH)
+    d0, d1 = _pairs(DR, t, 2 * HALF, 1, L, 2 * HALF, 2 * WIDTH)
+    _store_pairs(DX, t, s_out, L, 2 * HALF, d0 * cos + d1 * sin, d1 * cos - d0 * sin, 2 * WIDTH)
+    return (x0 * cos - x1 * sin) * d1 - (x0 * sin + x1 * cos) * d0
+
+
+@triton.jit
+def _channels_backward(C, B, PHI, DRC, DRB, DC, DB, DPHI, scb, sch, scl, scd, sbb, sbh, sbl, sbd,
+                       sob, soh, sol, H, L, HALF, CHUNK: tl.constexpr, WIDTH: tl.constexpr):
+    """CHUNK steps of one (batch, head): dL/dC and dL/dB through the rotation's transpose, and
+    dL/dPhi into DPHI (contiguous, fp32), which _channels_scan_back sums from the end.
+    DC and DB share the strides so*; DRC, DRB, PHI are contiguous."""
+    t0, bh = tl.program_id(0) * CHUNK, tl.program_id(1)
+    z, h = bh // H, bh % H
+    C, B, DC, DB = C + z * scb + h * sch, B + z * sbb + h * sbh, DC + z * sob + h * soh, DB + z * sob + h * soh
+    PHI, DPHI, DRC, DRB = PHI + bh * L * HALF, DPHI + bh * L * HALF, DRC + bh * L * 2 * HALF, DRB + bh * L * 2 * HALF
+    t, m = t0 + tl.arange(0, CHUNK), tl.arange(0, WIDTH)
+    mask = (t[:, None] < L) & (m[None, :] < HALF)
+    cos, sin = _cos_sin(tl.load(PHI + t[:, None] * HALF + m[None, :], mask=mask, other=0.0))
+    dphi = _rotate_back(C, DRC, DC, t, scl, scd, sol, L, HALF, cos, sin, WIDTH)
+    dphi += _rotate_back(B, DRB, DB, t, sbl, sbd, sol, L, HALF, cos, sin, WIDTH)
+    tl.store(DPHI + t[:, None] * HALF + m[None, :], dphi, mask=mask)
+
+
+@triton.jit
+def _channels_scan_back(DG, DPHI, DA, DTH, sab, sah, sal, stb, sth, stl, H, L, HALF,
+                        CHUNK: tl.constexpr, CARRY: tl.constexpr, WIDTH: tl.constexpr):
+    """dL/dlog_alpha_t = sum_{s>=t} dL/dg_s and dL/dtheta_t = sum_{s>=t} dL/dPhi_s: CHUNK steps
+    from the end of one (batch, head), step s being row L - 1 - s. DG, DPHI contiguous; DA, DTH strided."""
+    s0, bh = tl.program_id(0) * CHUNK, tl.program_id(1)
+    z, h = bh // H, bh % H
+    DG, DPHI, DA, DTH = DG + bh * L, DPHI + bh * L * HALF, DA + z * sab + h * sah, DTH + z * stb + h * sth
+    m = tl.arange(0, WIDTH)
+    da0, dth0 = tl.zeros([], tl.float32), tl.zeros([WIDTH], tl.float32)
+    for r0 in range(0, s0, CARRY):                          # the steps before this chunk's, as in _channels_forward
+        r = L - 1 - (r0 + tl.arange(0, CARRY))
+        keep = r > L - 1 - s0
+        da0 += tl.sum(tl.load(DG + r, mask=keep, other=0.0), 0)
+        dth0 += tl.sum(tl.load(DPHI + r[:, None] * HALF + m[None, :], mask=keep[:, None] & (m[None, :] < HALF),
+                               other=0.0), 0)
+    t = L - 1 - (s0 + tl.arange(0, CHUNK))
+    mask = (t[:, None] >= 0) & (m[None, :] < HALF)
+    da = tl.cumsum(tl.load(DG + t, mask=t >= 0, other=0.0), 0) + da0
+    dth = tl.cumsum(tl.load(DPHI + t[:, None] * HALF + m[None, :], mask=mask, other=0.0), 0) + dth0[None, :]
+    tl.store(DA + t * sal, da.to(DA.dtype.element_ty), mask=t >= 0)
+    tl.store(DTH + t[:, None] * stl + m[None, :], dth.to(DTH.dtype.element_ty), mask=mask)
+
+
+# Rows per program (CHUNK) and rows per load of the carry loop (CARRY) for each channel kernel, on CUDA:
+# the fastest of 32 to 512 rows and 1 to 8 warps, each kernel timed alone on an H200 (README, Performance).
+# Small under the interpreter, so that the tests cross chunks and carry loads.
+CHANNELS = dict(forward=dict(CHUNK=128, CARRY=512), backward=dict(CHUNK=64), scan_back=dict(CHUNK=256, CARRY=512))
+
+
+def _channels_launch(x, name):
+    """(grid, meta-parameters) of channel kernel `name` for a (b, h, l, d_s) x: a program per CHUNK steps
+    of a (batch, head)."""
+    b, h, l, d_s = x.shape
+    meta = dict(CHANNELS[name]) if x.is_cuda else {k: {'CHUNK': 16, 'CARRY': 8}[k] for k in CHANNELS[name]}
+    return (triton.cdiv(l, meta['CHUNK']), b * h), dict(meta, WIDTH=triton.next_power_of_2(max(d_s // 2, 1)))
+
+
+@torch.library.custom_op('nanosisa::channels', mutates_args=())
+def _channels(C: torch.Tensor, B: torch.Tensor, log_alpha: torch.Tensor,
+              theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, l, d_s = C.shape
+    g = torch.empty(b, h, l, dtype=torch.float32, device=C.device)
+    phi = torch.empty(b, h, l, d_s // 2, dtype=torch.float32, device=C.device)
+    RC, RB = (torch.empty(b, h, l, d_s, dtype=torch.float32, device=C.device) for _ in range(2))
+    grid, meta = _channels_launch(C, 'forward')
+    _channels_forward[grid](C, B, log_alpha, theta, g, RC, RB, phi, *C.stride(), *B.stride(), *log_alpha.stride(),
+                            *theta.stride(), h, l, d_s // 2, **meta)
+    return g, RC, RB, phi
+
+
+@_channels.register_fake
+def _(C, B, log_alpha, theta):
+    b, h, l, d_s = C.shape
+    f32 = dict(dtype=torch.float32, device=C.device)
+    return C.new_empty(b, h, l, **f32), C.new_empty(C.shape, **f32), C.new_empty(C.shape, **f32), \
+        C.new_empty(b, h, l, d_s // 2, **f32)
+
+
+@torch.library.custom_op('nanosisa::channels_backward', mutates_args=())
+def _channels_backward_op(C: torch.Tensor, B: torch.Tensor, phi: torch.Tensor, dg: torch.Tensor, dRC: torch.Tensor,
+                          dRB: torch.Tensor, la_dtype: torch.dtype,
+                          th_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, l, d_s = C.shape
+    dC, dB, dla, dth = _channels_grads_like(C, la_dtype, th_dtype)
+    dg, dRC, dRB = dg.float().contiguous(), dRC.float().contiguous(), dRB.float().contiguous()
+    dphi = torch.empty_like(phi)
+    grid, meta = _channels_launch(C, 'backward')
+    _channels_backward[grid](C, B, phi, dRC, dRB, dC, dB, dphi, *C.stride(), *B.stride(), *dC.stride()[:3],
+                             h, l, d_s // 2, **meta)
+    grid, meta = _channels_launch(C, 'scan_back')
+    _channels_scan_back[grid](dg, dphi, dla, dth, *dla.stride(), *dth.stride()[:3], h, l, d_s // 2, **meta)
+    return dC, dB, dla, dth
+
+
+def _channels_grads_like(C, la_dtype, th_dtype):
+    """dC, dB, dlog_alpha, dtheta laid out as (b, l, h, .), the projection's layout, seen as (b, h, l, .)."""
+    b, h, l, d_s = C.shape
+    new = lambda *shape, dtype: torch.empty(b, l, h, *shape, dtype=dtype, device=C.device).transpose(1, 2)
+    return new(d_s, dtype=C.dtype), new(d_s, dtype=C.dtype), new(dtype=la_dtype), new(d_s // 2, dtype=th_dtype)
+
+
+@_channels_backward_op.register_fake
+def _(C, B, phi, dg, dRC, dRB, la_dtype, th_dtype):
+    return _channels_grads_like(C, la_dtype, th_dtype)
+
+
+def _channels_setup(ctx, inputs, output):
+    C, B, log_alpha, theta = inputs
+    ctx.save_for_backward(C, B, output[3])
+    ctx.dtypes = log_alpha.dtype, theta.dtype
+
+
+def _channels_grad(ctx, dg, dRC, dRB, dphi):  # phi is saved for the backward pass, not an output to differentiate
+    C, B, phi = ctx.saved_tensors
+    dg, dRC, dRB = (torch.zeros_like(x) if d is None else d for x, d in zip((phi[..., 0], C, C), (dg, dRC, dRB)))
+    dC, dB, dla, dth = _channels_backward_op(C, B, phi, dg, dRC, dRB, *ctx.dtypes)
+    return dC, dB, dla, dth
+
+
+_channels.register_autograd(_channels_grad, setup_context=_channels_setup)
+
+
+def channels(C, B, log_alpha, theta):
+    """sisa.ssm_channels in one fused kernel (and one for its backward pass).
+
+    Args:
+        C, B: (b, h, l, d_s), any strides (views of the SSM projection), any float dtype
+        log_alpha: (b, h, l); theta: (b, h, l, d_s // 2)
+    Returns:
+        g: (b, h, l); RC, RB: (b, h, l, d_s), R(Phi) C and R(Phi) B; all fp32 and contiguous
+    """
+    g, RC, RB, _ = _channels(C, B, log_alpha, theta)
+    return g, RC, RB
+
+
 def _pad_to_pow2(x, least=16):
     """Zero columns up to a power of two >= 16 (what tl.arange and tl.dot need): they add nothing to any dot."""
     n = x.size(-1)

@@ -528,6 +528,41 @@ def test_the_kernel_paths_cumsum_is_torch_cumsum_either_way_along_any_axis(devic
             assert torch.allclose(got_grad, want_grad, atol=1e-5)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="sisa_kernel.py needs Triton (pip install triton)")
+@pytest.mark.parametrize("d_s", [16, 6])
+def test_the_kernel_paths_channels_are_ssm_channels_with_the_same_gradients(device, d_s):
+    import sisa_kernel
+    from sisa import ssm_channels
+    if device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
+        pytest.skip('the fused channels run on CUDA, or on the CPU under TRITON_INTERPRET=1')
+    # views of one projection, as the model makes them; 50 steps cross the kernels' chunks and carry loads
+    # under the interpreter (16 and 8 rows), 1100 cross CUDA's (64 to 256, 512); bf16 as under autocast
+    b, h, l = 2, 3, 1100 if device.type == 'cuda' else 50
+    for dtype in (torch.float32,) + (torch.bfloat16,) * (device.type == 'cuda'):
+        proj = torch.randn(b, l, h * (2 * d_s + 1 + d_s // 2), device=device).to(dtype)
+        B, C, a, theta = proj.split([h * d_s, h * d_s, h, h * d_s // 2], dim=-1)
+        B, C = (x.view(b, l, h, d_s).transpose(1, 2).detach().requires_grad_() for x in (B, C))
+        log_alpha = (-F.softplus(a.float() - 2)).transpose(1, 2).detach().requires_grad_()
+        theta = theta.view(b, l, h, d_s // 2).transpose(1, 2).detach().requires_grad_()
+        inputs = (C, B, log_alpha, theta)
+        want = ssm_channels(*(x.double() for x in inputs))   # torch's cumsums and rotation, in fp64
+        got = sisa_kernel.channels(*inputs)
+        weights = [torch.randn_like(x) for x in want]
+        grad_want = torch.autograd.grad(sum((x * w).sum() for x, w in zip(want, weights)), inputs)
+        grad_got = torch.autograd.grad(sum((x * w).sum() for x, w in zip(got, weights)), inputs)
+        # torch in fp32, for the rounding a sum of ~1000 angles carries: Phi reaches tens of radians
+        torch_ = ssm_channels(*(x.float() for x in inputs))
+        grad_torch = torch.autograd.grad(sum((x * w).sum() for x, w in zip(torch_, weights)), inputs)
+        assert [x.dtype for x in got] == [torch.float32] * 3
+        assert [x.dtype for x in grad_got] == [x.dtype for x in inputs]
+        err = lambda x, y: ((x.double() - y).abs().max() / y.abs().max()).item()
+        names = ('g', 'RC', 'RB', 'dC', 'dB', 'dlog_alpha', 'dtheta')
+        for name, x, t, y in zip(names, got + grad_got, torch_ + grad_torch, want + grad_want):
+            # fp32: within 1e-5 or 4x torch's own fp32 error; bf16 gradients: rounded once, at the end
+            tol = 1e-5 + 4 * err(t, y) if x.dtype == torch.float32 else 1e-2
+            assert err(x, y) < tol, name
+
+
 def test_the_model_runs_on_the_meta_device():
     # every tensor the model makes for itself (RoPE angles, masks) follows the input's device:
     # a CPU-made tensor here fails as it failed on CUDA
