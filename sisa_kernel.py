@@ -31,6 +31,8 @@ different in each kernel, left 16-bit rounding in every pair: a 10x larger error
 
 `sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the
 SDPA form and to an fp64 evaluation of the score (on the CPU under TRITON_INTERPRET=1).
+`channels`, after the attention kernels, gives it g, R(Phi) C and R(Phi) B: sisa.py's
+`ssm_channels` (two scans and a rotation) fused, tested against it in fp64.
 """
 import math
 
@@ -639,7 +641,7 @@ _channels.register_autograd(_channels_grad, setup_context=_channels_setup)
 
 
 def channels(C, B, log_alpha, theta):
-    """sisa.ssm_channels in one fused kernel (and one for its backward pass).
+    """sisa.ssm_channels in one fused kernel (and two for its backward pass).
 
     Args:
         C, B: (b, h, l, d_s), any strides (views of the SSM projection), any float dtype
