@@ -172,9 +172,9 @@ HAS_TRITON = importlib.util.find_spec('triton') is not None  # looked up once: t
 def fused_kernel(kernel, device, dropout_p=0.0):
     """Whether sisa_attention runs sisa_kernel.py's fused kernel instead of the SDPA form.
 
-    'sdpa': never. 'auto': on CUDA where Triton is installed and dropout is off. 'triton':
-    always, and a clear error where it cannot run (CUDA, or the CPU under TRITON_INTERPRET=1,
-    Triton's interpreter, which the tests use): never a silent fallback.
+    'sdpa': never. 'auto': on CUDA (compute capability 7.0 or newer) where Triton is installed
+    and dropout is off. 'triton': always, and a clear error where it cannot run (CUDA, or the
+    CPU under TRITON_INTERPRET=1, Triton's interpreter, which the tests use): never a silent fallback.
     """
     if kernel not in ('auto', 'triton', 'sdpa'):
         raise ValueError(f"kernel must be 'auto', 'triton' or 'sdpa', got {kernel!r}")
@@ -187,6 +187,8 @@ def fused_kernel(kernel, device, dropout_p=0.0):
         why = f'it runs on CUDA, not on {device.type}'
     elif dropout_p > 0:
         why = 'it has no attention dropout'
+    elif device.type == 'cuda' and torch.cuda.get_device_properties(device).major < 7:
+        why = 'Triton needs a GPU of compute capability 7.0 or newer (Volta on)'
     if why and kernel == 'triton':
         raise ValueError(f"kernel='triton' cannot run here: {why}; use kernel='sdpa'")
     return why is None

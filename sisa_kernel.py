@@ -294,15 +294,23 @@ CONFIG = dict(BLOCK=64, forward=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_st
               dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
 INTERPRETED = dict(BLOCK=32, forward=dict(BLOCK_M=16, BLOCK_N=32), dkdv=dict(BLOCK_M=32, BLOCK_N=16),
                    dq=dict(BLOCK_M=32, BLOCK_N=16))
+# GPUs before Ampere (compute capability 7.x: Volta, Turing, as in a T4) have 64 to 96 kB of shared
+# memory a block and no asynchronous copies to pipeline. CONFIG's tiles need up to 96 kB there (Triton
+# compiling for sm_75, on the CPU), tiles of 32 at most 48 kB: the tests compile them for sm_75.
+SMALL = dict(BLOCK=64, forward=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+             dkdv=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+             dq=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1))
 # Wider C and B tiles (d_state 32 and 64; fp32, see _launch) fill registers and shared memory sooner,
 # and there fewer pipeline stages measured faster on one H200 (README: Performance). The stages on
-# CUDA by d_state padded to a power of two (wider than 64 takes 64's); the tiles stay CONFIG's.
+# Ampere and newer by d_state padded to a power of two (wider than 64 takes 64's); the tiles stay CONFIG's.
 WIDE = {32: dict(dkdv=dict(num_stages=1)),
         64: dict(forward=dict(num_stages=2), dq=dict(num_stages=2), dkdv=dict(num_stages=1))}
 
 
 def _config(t):
-    return CONFIG if t.is_cuda else INTERPRETED
+    if not t.is_cuda:
+        return INTERPRETED
+    return CONFIG if torch.cuda.get_device_capability(t.device) >= (8, 0) else SMALL
 
 
 def _bhl(t):  # (batch, head, row) strides of a (b, h, l, d) tensor
@@ -316,7 +324,7 @@ def _empty_bhld(like):  # (b, h, l, d) laid out as (b, l, h, d): the model resha
 
 
 def _launch(kernel, name, tiles, q, C, scale, *args):
-    """kernel[grid](*args) with CONFIG[name] and WIDE's stages; a program per tile of `tiles` rows, per batch x head.
+    """kernel[grid](*args) with the device's config for `name`; a program per tile of `tiles` rows, per batch x head.
 
     C and B stay fp32 whatever q's dtype, and their dots (the importance in every score, dC, dB)
     run in tf32 beside q.k's bf16 or fp16: lambda C.B can be several times q.k / sqrt(d_h), and
@@ -326,7 +334,7 @@ def _launch(kernel, name, tiles, q, C, scale, *args):
     so that their sums for dL/dg see exactly what the dots saw."""
     b, h, l, d_h = q.shape
     config, d_s = _config(q), C.size(-1)
-    meta = dict(config[name], **(WIDE.get(min(d_s, 64), {}).get(name, {}) if q.is_cuda else {}))
+    meta = dict(config[name], **(WIDE.get(min(d_s, 64), {}).get(name, {}) if config is CONFIG else {}))
     assert all(config['BLOCK'] % meta[t] == 0 for t in ('BLOCK_M', 'BLOCK_N')), 'tiles must divide BLOCK'
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
     grid = (triton.cdiv(l, meta[tiles]), b * h)

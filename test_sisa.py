@@ -16,8 +16,11 @@ import math
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -467,6 +470,61 @@ def test_sisa_attention_is_exact_at_every_decay_in_every_dtype(device, dtype, sp
         check_against_fp64(device, kernel, dtype, span=span, tol=tol, grad_tol=grad_tol, **shape)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="sisa_kernel.py needs Triton (pip install triton)")
+@pytest.mark.parametrize("d_s", [16, 64])
+def test_the_kernels_tiles_for_gpus_before_ampere_are_exact(device, d_s, monkeypatch):
+    # sisa_kernel.SMALL (tiles of 32, for compute capability 7.x) on this device: on CUDA in place of
+    # CONFIG, under the interpreter in place of its own tiles. fp16: what a T4 trains in.
+    import sisa_kernel
+    if 'triton' not in kernels(device):
+        pytest.skip('the fused kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1')
+    monkeypatch.setattr(sisa_kernel, 'CONFIG', sisa_kernel.SMALL)
+    monkeypatch.setattr(sisa_kernel, 'INTERPRETED', sisa_kernel.SMALL)
+    monkeypatch.setattr(sisa_kernel, 'WIDE', {})
+    shape = dict(b=2, h=3, l=1000, d_h=64) if device.type == 'cuda' else dict(b=1, h=2, l=97, d_h=16)
+    check_against_fp64(device, 'triton', torch.float16, d_s=d_s, span=3000.0, tol=TOLERANCES[torch.float16][0],
+                       grad_tol=TOLERANCES[torch.float16][1], **shape)
+
+
+SHARED_MEMORY_SCRIPT = """
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import sisa_kernel as K
+out = []
+for arch, config, wide in ((75, K.SMALL, {}), (86, K.CONFIG, K.WIDE)):
+    for d_s in (16, 32, 64):
+        for name, fn in (('forward', K._forward), ('dq', K._backward_dq), ('dkdv', K._backward_dkdv)):
+            meta = dict(config[name], **wide.get(d_s, {}).get(name, {}))
+            consts = dict(DH=64, DS=d_s, BLOCK=config['BLOCK'], BLOCK_M=meta['BLOCK_M'], BLOCK_N=meta['BLOCK_N'],
+                          PRECISION='tf32')
+            sig = {a: 'constexpr' if a in consts else '*fp16' if a in ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV')
+                   else '*fp32' if a.isupper() and a not in ('H', 'L') else 'fp32' if a == 'scale' else 'i32'
+                   for a in fn.arg_names}
+            kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', arch, 32),
+                                    options=dict(num_warps=meta['num_warps'], num_stages=meta['num_stages']))
+            out.append((arch, d_s, name, kernel.metadata.shared))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="sisa_kernel.py needs Triton (pip install triton)")
+def test_the_kernels_fit_the_shared_memory_of_the_gpus_they_are_configured_for():
+    # A kernel that needs more shared memory than a block may have fails at launch. Compiled here
+    # (Triton compiles without a GPU), in a process of its own without TRITON_INTERPRET: SMALL for
+    # sm_75 (Turing, as in a T4: 64 kB a block), CONFIG with WIDE's stages for sm_86 (an RTX 30xx:
+    # 99 kB; Ada's sm_89 is the same, A100 and H100 have more).
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, '-c', SHARED_MEMORY_SCRIPT], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shared = json.loads(run.stdout.splitlines()[-1])
+    assert len(shared) == 18
+    limit = {75: 64 * 1024, 86: 99 * 1024}
+    for arch, d_s, name, nbytes in shared:
+        assert 0 < nbytes <= limit[arch], (arch, d_s, name, nbytes)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gradient_of_the_first_decay_is_zero(device, dtype):
     # log_alpha_0 shifts every g_t by the same amount, and scores see only g_i - g_j: its gradient
@@ -503,6 +561,13 @@ def test_the_fused_kernel_runs_where_it_can_and_says_why_where_it_cannot(monkeyp
         with pytest.raises(ValueError, match='dropout'):
             fused_kernel('triton', torch.device('cuda'), dropout_p=0.1)
         assert fused_kernel('auto', torch.device('cuda'), dropout_p=0.1) is False
+        # Triton compiles for compute capability 7.0 on: an older GPU (a P100 is 6.0) takes the SDPA form
+        for major, runs in ((6, False), (7, True), (9, True)):
+            monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: SimpleNamespace(major=major))
+            assert fused_kernel('auto', torch.device('cuda')) is runs
+            if not runs:
+                with pytest.raises(ValueError, match='compute capability 7.0'):
+                    fused_kernel('triton', torch.device('cuda'))
     with pytest.raises(ValueError, match='kernel'):
         fused_kernel('flash', cpu)
     with pytest.raises(ValueError, match='kernel'):
@@ -952,9 +1017,6 @@ def test_main_prints_data_error_without_traceback(tmp_path, capsys):
 
 # =============================================================================
 # train.py and sample.py, end to end (tiny: seconds on a CPU)
-
-import subprocess
-import sys
 
 import train as tr
 import sample as sp
