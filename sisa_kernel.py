@@ -20,8 +20,12 @@ The sequence is cut into blocks of BLOCK (64) tokens.
   importance is one more matrix product, [q ; C exp(g - c)] . [k ; B exp(c - g)]. A factor
   that underflows to 0 had a true weight below exp(-87): 0 is the right answer in fp32.
 - A key in the query's own block: exp(g_i - g_j) for j <= i, computed pairwise, at most 1.
+- A key block the queries have forgotten: exp(c - g_j) < 2^-126 at its last key, so every factor
+  there is 0 in fp32. The kernels find those blocks from g (_forgotten) and skip the importance's
+  dots for them: the score is q.k alone. Heads that forget fast (a half-life of a few tokens, as
+  trained heads have) remember a few blocks back, and most key tiles of a long block cost q.k only.
 
-The backward pass is flash attention's, with the same two cases. The gradient of g needs no
+The backward pass is flash attention's, with the same cases. The gradient of g needs no
 extra pass: score_ij depends on g_i and -g_j through the same term W_ij = exp(g_i - g_j) C_i.B_j,
 so dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it. The two sums nearly cancel where heads
 remember long (each pair (i, j) with t on neither side of it adds to both), so each kernel
@@ -42,16 +46,21 @@ import triton.language as tl
 from torch.nn import functional as F
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): exp2 is the hardware instruction
+FORGOTTEN = tl.constexpr(-126.0)  # log2 of fp32's smallest normal number
 
 
 @triton.jit
-def _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
+def _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr,
+            PRECISION: tl.constexpr):
     """score_ij in log2 units for a (rows, cols) tile, -inf where masked.
 
     Off the diagonal, c and b arrive already multiplied by exp(g_i - c0) / scale and
-    exp(c0 - g_j) (both factors <= 1), so the importance shares q.k's accumulator."""
+    exp(c0 - g_j) (both factors <= 1), so the importance shares q.k's accumulator.
+    Without IMPORTANCE (a forgotten key block, see _remembered_keys) the score is q.k alone."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    if DIAGONAL:
+    if not IMPORTANCE:
+        s = s * (scale * LOG2E)
+    elif DIAGONAL:
         decay = tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
         imp = tl.dot(c, tl.trans(b), input_precision=PRECISION) * decay
         s = (s * scale + imp) * LOG2E
@@ -89,19 +98,53 @@ def _decayed(x, g, c0, post, PRECISION: tl.constexpr):
     return _tf32(x * (tl.exp2(tl.minimum(g - c0, 0.0) * LOG2E) * post)[:, None], PRECISION)
 
 
+@triton.jit
+def _forgotten(c0, g_end):
+    """Whether queries whose offset is c0 (g at their block's first row) have forgotten every key of an
+    earlier block whose last row has g_end: exp(c0 - g_j) < 2^-126, fp32's smallest normal number, at
+    the block's last key, so at all of its keys (g does not increase). Every factor the importance
+    would take there is 0 in fp32, and the kernels skip its dots: the scores are q.k alone. All three
+    kernels decide a pair of blocks from the same two values of g, so they skip the same pairs."""
+    return (c0 - g_end) * LOG2E < FORGOTTEN
+
+
+@triton.jit
+def _remembered_keys(G, b0, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+    """The first key row after the key blocks that the queries of the block starting at b0 have
+    forgotten: a multiple of BLOCK, at most b0. Heads that forget fast remember a few blocks back."""
+    kb = tl.arange(0, BLOCKS)
+    earlier = kb * BLOCK < b0
+    g_end = tl.load(G + kb * BLOCK + BLOCK - 1, mask=earlier, other=0.0)
+    remembered = earlier & ~_forgotten(tl.load(G + b0), g_end)
+    return tl.min(tl.where(remembered, kb, b0 // BLOCK)) * BLOCK
+
+
+@triton.jit
+def _remembered_queries(G, b1, L, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+    """The end of the query blocks after b1 that remember the key block ending at b1: a multiple of
+    BLOCK, at least b1. The same pairs of blocks as _remembered_keys, seen from the keys."""
+    qb = tl.arange(0, BLOCKS)
+    later = (qb * BLOCK >= b1) & (qb * BLOCK < L)
+    c0 = tl.load(G + qb * BLOCK, mask=later, other=0.0)
+    remembered = later & ~_forgotten(c0, tl.load(G + tl.minimum(b1, L) - 1))
+    return tl.max(tl.where(remembered, qb + 1, b1 // BLOCK)) * BLOCK
+
+
 # -----------------------------------------------------------------------------
 # forward: one program per (query tile, batch x head); online softmax over key tiles
 
 @triton.jit
 def _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
                   DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr):
     j = n0 + tl.arange(0, BLOCK_N)
-    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _channel(B, j, L, 1.0, DS, PRECISION)
-    g_k = tl.load(G + j, mask=j < L, other=0.0)
-    if not DIAGONAL:
-        b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
-    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
+    k, v = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH)
+    b, g_k = k, g_q  # unused without the importance
+    if IMPORTANCE:
+        b, g_k = _channel(B, j, L, 1.0, DS, PRECISION), tl.load(G + j, mask=j < L, other=0.0)
+        if not DIAGONAL:
+            b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
+    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, IMPORTANCE, PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows past L see only -inf
     p = tl.exp2(s - m_safe[:, None])
@@ -114,14 +157,16 @@ def _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, 
 @triton.jit
 def _forward(Q, K, V, C, B, G, LAM, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, H, L, scale,
              DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             PRECISION: tl.constexpr):
+             BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
     """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous; C is R(Phi) C, lambda applied here.
-    BLOCK_M and BLOCK_N divide BLOCK, the length of the blocks that decide each pair's offset."""
+    BLOCK_M and BLOCK_N divide BLOCK, the length of the blocks that decide each pair's offset;
+    BLOCKS is a power of two, at least the number of blocks in L."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
     Q, K, V, O = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh, O + z * sob + h * soh
     C, B, G, LSE = C + bh * L * DS, B + bh * L * DS, G + bh * L, LSE + bh * L
+    n1 = _remembered_keys(G, m0 - m0 % BLOCK, BLOCK, BLOCKS)
     i = m0 + tl.arange(0, BLOCK_M)
     q, c = _rows(Q, i, L, sql, DH), _channel(C, i, L, tl.load(LAM + h), DS, PRECISION)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
@@ -132,12 +177,16 @@ def _forward(Q, K, V, C, B, G, LAM, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, s
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, DH], tl.float32)
-    for n0 in range(0, b0, BLOCK_N):                     # key tiles in earlier blocks
-        acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                                      DH, DS, BLOCK_N, False, PRECISION)
     for n0 in range(b0, m0 + BLOCK_M, BLOCK_N):          # key tiles in the queries' block (pairwise)
         acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                                      DH, DS, BLOCK_N, True, PRECISION)
+                                      DH, DS, BLOCK_N, True, True, PRECISION)
+    for n0 in range(n1, b0, BLOCK_N):                    # key tiles in earlier blocks
+        acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+                                      DH, DS, BLOCK_N, False, True, PRECISION)
+    if n1 > 0:  # (the branch spares the loop's setup where nothing is forgotten, as at init)
+        for n0 in range(0, n1, BLOCK_N):                 # key tiles in forgotten blocks: q.k alone
+            acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+                                          DH, DS, BLOCK_N, False, False, PRECISION)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     d = tl.arange(0, DH)
     tl.store(O + i[:, None] * sol + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=i[:, None] < L)
@@ -152,27 +201,31 @@ def _forward(Q, K, V, C, B, G, LAM, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, s
 @triton.jit
 def _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
              DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-             PRECISION: tl.constexpr):
+             IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr):
     j = n0 + tl.arange(0, BLOCK_N)
-    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _channel(B, j, L, 1.0, DS, PRECISION)
-    g_k = tl.load(G + j, mask=j < L, other=0.0)
-    if not DIAGONAL:
-        b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
-    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
+    k, v = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH)
+    b, g_k = k, g_q  # unused without the importance
+    if IMPORTANCE:
+        b, g_k = _channel(B, j, L, 1.0, DS, PRECISION), tl.load(G + j, mask=j < L, other=0.0)
+        if not DIAGONAL:
+            b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
+    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, IMPORTANCE, PRECISION)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    if DIAGONAL:
-        ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
-    dc += tl.dot(ds.to(b.dtype), b, input_precision=PRECISION)
+    if IMPORTANCE:
+        if DIAGONAL:
+            ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
+        dc += tl.dot(ds.to(b.dtype), b, input_precision=PRECISION)
     return dq, dc
 
 
 @triton.jit
 def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, sqb, sqh, sql, skb, skh, skl,
                  svb, svh, svl, sdb, sdh, sdl, sob, soh, sol, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
-                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N. DO and DQ share strides sd*.
     The offset for keys in earlier blocks is g at the queries' block's first row, as in _forward.
     Writes dL/dR(Phi)C (lambda applied) and this tile's share of dL/dlambda, sum R(Phi)C . dC."""
@@ -183,6 +236,7 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, sq
     O, DO, DQ = O + z * sob + h * soh, DO + z * sdb + h * sdh, DQ + z * sdb + h * sdh
     C, B, DC, G = C + bh * L * DS, B + bh * L * DS, DC + bh * L * DS, G + bh * L
     LSE, DELTA, DGQ = LSE + bh * L, DELTA + bh * L, DGQ + bh * L
+    n1 = _remembered_keys(G, m0 - m0 % BLOCK, BLOCK, BLOCKS)
     i = m0 + tl.arange(0, BLOCK_M)
     lam = tl.load(LAM + h)
     q, do, rc = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
@@ -195,58 +249,67 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, sq
     c0 = tl.load(G + b0)
     dq = tl.zeros([BLOCK_M, DH], tl.float32)
     dc = tl.zeros([BLOCK_M, DS], tl.float32)
+    if n1 > 0:  # first: after the loops below, ptxas serialized every wgmma of the kernel (its warning C7515)
+        for n0 in range(0, n1, BLOCK_N):            # key tiles in forgotten blocks: q.k alone
+            dq, dc = _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+                              DH, DS, BLOCK_N, False, False, PRECISION)
     for n0 in range(b0, m0 + BLOCK_M, BLOCK_N):     # key tiles in the queries' block (pairwise)
         dq, dc = _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                          DH, DS, BLOCK_N, True, PRECISION)
+                          DH, DS, BLOCK_N, True, True, PRECISION)
     dg = tl.sum(c * dc, 1)          # sum_j dS_ij W_ij, from the very products the scores used
     c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1, as in _forward
     dc_off = tl.zeros([BLOCK_M, DS], tl.float32)
-    for n0 in range(0, b0, BLOCK_N):                # key tiles in earlier blocks
+    for n0 in range(n1, b0, BLOCK_N):               # key tiles in earlier blocks
         dq, dc_off = _dq_step(dq, dc_off, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                              DH, DS, BLOCK_N, False, PRECISION)
+                              DH, DS, BLOCK_N, False, True, PRECISION)
     dg += tl.sum(c * dc_off, 1) * scale
     dc += dc_off * tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)[:, None]  # the factor c carried (b's is in dc_off)
-    d, e = tl.arange(0, DH), tl.arange(0, DS)
-    tl.store(DQ + i[:, None] * sdl + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
+    e = tl.arange(0, DS)
     tl.store(DC + i[:, None] * DS + e[None, :], (dc * lam).to(DC.dtype.element_ty), mask=i[:, None] < L)
     tl.store(DGQ + i, dg, mask=i < L)
     tl.store(DLAM + bh * tl.num_programs(0) + m0 // BLOCK_M, tl.sum(rc * dc))  # rows past L are 0 in rc
+    d = tl.arange(0, DH)
+    tl.store(DQ + i[:, None] * sdl + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
 
 
 @triton.jit
 def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale, j, m0, L,
                DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-               DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
+               DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr):
     i = m0 + tl.arange(0, BLOCK_M)
-    q, do, c = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _channel(C, i, L, lam, DS, PRECISION)
-    g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
+    q, do = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH)
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
     delta = tl.load(DELTA + i, mask=i < L, other=0.0)
-    if not DIAGONAL:  # the offset _forward took for these queries: g at the start of their block
-        c0 = tl.load(G + m0 - m0 % BLOCK)
-        c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1
-        b = _decayed(b, c0, g_k, 1.0, PRECISION)        # exp(c0 - g_j) <= 1
-    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, PRECISION)
+    c, g_q, c0 = q, g_k, 0.0  # unused without the importance
+    if IMPORTANCE:
+        c, g_q = _channel(C, i, L, lam, DS, PRECISION), tl.load(G + i, mask=i < L, other=float('-inf'))
+        if not DIAGONAL:  # the offset _forward took for these queries: g at the start of their block
+            c0 = tl.load(G + m0 - m0 % BLOCK)
+            c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1
+            b = _decayed(b, c0, g_k, 1.0, PRECISION)        # exp(c0 - g_j) <= 1
+    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, IMPORTANCE, PRECISION)
     p = tl.exp2(s - lse[:, None])                                  # (queries, keys)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])                                 # dL/dscore_ij
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    if DIAGONAL:
-        ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
-        db_step = tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION)
-        db += db_step
-    else:
-        db_step = tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION) * scale
-        db += db_step * tl.exp2(tl.minimum(c0 - g_k, 0.0) * LOG2E)[:, None]
-    dg += tl.sum(b * db_step, 1)  # sum_i dS_ij W_ij, from the very products the scores used
+    if IMPORTANCE:
+        if DIAGONAL:
+            ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
+            db_step = tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION)
+            db += db_step
+        else:
+            db_step = tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION) * scale
+            db += db_step * tl.exp2(tl.minimum(c0 - g_k, 0.0) * LOG2E)[:, None]
+        dg += tl.sum(b * db_step, 1)  # sum_i dS_ij W_ij, from the very products the scores used
     return dk, dv, db, dg
 
 
 @triton.jit
 def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, sqb, sqh, sql, skb, skh, skl,
                    svb, svh, svl, sdb, sdh, sdl, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
-                   BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """BLOCK_N keys of one (batch, head), walking query tiles of BLOCK_M. DO, DK, DV share strides sd*.
     Queries in the keys' block pair with them pairwise; query tiles in later blocks take the
     offset _forward took for them (g at their block's first row). Runs after _backward_dq,
@@ -258,6 +321,8 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, s
     DO, DK, DV = DO + z * sdb + h * sdh, DK + z * sdb + h * sdh, DV + z * sdb + h * sdh
     C, B, DB, G = C + bh * L * DS, B + bh * L * DS, DB + bh * L * DS, G + bh * L
     LSE, DELTA, DGQ, DG = LSE + bh * L, DELTA + bh * L, DGQ + bh * L, DG + bh * L
+    b1 = n0 - n0 % BLOCK + BLOCK                    # the end of the keys' block
+    m1 = tl.minimum(_remembered_queries(G, b1, L, BLOCK, BLOCKS), L)
     j = n0 + tl.arange(0, BLOCK_N)
     lam = tl.load(LAM + h)
     k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _channel(B, j, L, 1.0, DS, PRECISION)
@@ -266,19 +331,27 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, s
     dv = tl.zeros([BLOCK_N, DH], tl.float32)
     db = tl.zeros([BLOCK_N, DS], tl.float32)
     dg = tl.zeros([BLOCK_N], tl.float32)
-    b1 = n0 - n0 % BLOCK + BLOCK                    # the end of the keys' block
     for m0 in range(n0 - n0 % BLOCK_M, b1, BLOCK_M):  # query tiles in the keys' block (pairwise)
         dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale,
-                                    j, m0, L, DH, DS, BLOCK, BLOCK_M, True, PRECISION)
-    for m0 in range(b1, L, BLOCK_M):                # query tiles in later blocks
+                                    j, m0, L, DH, DS, BLOCK, BLOCK_M, True, True, PRECISION)
+    for m0 in range(b1, m1, BLOCK_M):               # query tiles in later blocks
         dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale,
-                                    j, m0, L, DH, DS, BLOCK, BLOCK_M, False, PRECISION)
-    d, e = tl.arange(0, DH), tl.arange(0, DS)
-    tl.store(DK + j[:, None] * sdl + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
-    tl.store(DV + j[:, None] * sdl + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
+                                    j, m0, L, DH, DS, BLOCK, BLOCK_M, False, True, PRECISION)
+    e = tl.arange(0, DS)
     tl.store(DB + j[:, None] * DS + e[None, :], db.to(DB.dtype.element_ty), mask=j[:, None] < L)
     # dL/dg_j = sum_i dS_ji W_ji - sum_i dS_ij W_ij: the query side from _backward_dq, the key side here
     tl.store(DG + j, tl.load(DGQ + j, mask=j < L, other=0.0) - dg, mask=j < L)
+    if m1 < L:  # query tiles in later blocks that forgot these keys: q.k alone, into accumulators of their
+        # own (carrying dk, dv into this loop, before or after the others, made ptxas serialize every wgmma)
+        dk_far, dv_far = tl.zeros([BLOCK_N, DH], tl.float32), tl.zeros([BLOCK_N, DH], tl.float32)
+        for m0 in range(m1, L, BLOCK_M):
+            dk_far, dv_far, db, dg = _dkdv_step(dk_far, dv_far, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl,
+                                                lam, g_k, scale, j, m0, L, DH, DS, BLOCK, BLOCK_M, False, False,
+                                                PRECISION)
+        dk, dv = dk + dk_far, dv + dv_far
+    d = tl.arange(0, DH)
+    tl.store(DK + j[:, None] * sdl + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
+    tl.store(DV + j[:, None] * sdl + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
 
 
 # -----------------------------------------------------------------------------
@@ -338,7 +411,8 @@ def _launch(kernel, name, tiles, q, C, scale, *args):
     assert all(config['BLOCK'] % meta[t] == 0 for t in ('BLOCK_M', 'BLOCK_N')), 'tiles must divide BLOCK'
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
     grid = (triton.cdiv(l, meta[tiles]), b * h)
-    kernel[grid](*args, h, l, scale, DH=d_h, DS=d_s, PRECISION=precision, BLOCK=config['BLOCK'], **meta)
+    blocks = max(triton.next_power_of_2(triton.cdiv(l, config['BLOCK'])), 2)
+    kernel[grid](*args, h, l, scale, DH=d_h, DS=d_s, PRECISION=precision, BLOCK=config['BLOCK'], BLOCKS=blocks, **meta)
     return grid
 
 
