@@ -1220,7 +1220,7 @@ def test_two_processes_under_torchrun_are_the_same_run_as_one(workdir):
               'two': [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', train_py]}
     for out_dir, cmd in launch.items():
         run = subprocess.run(cmd + flags + [f'--out_dir={out_dir}'], capture_output=True, text=True, timeout=300, env=env)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-8000:]  # a rank's own error precedes torchrun's
     logs = {d: [json.loads(line) for line in open(f'{d}/log.jsonl')] for d in launch}
     assert [h['iter'] for h in logs['one']] == [h['iter'] for h in logs['two']] == [0, 2, 4]  # one writer
     for a, b in zip(logs['one'], logs['two']):

@@ -502,7 +502,8 @@ def train(cfg, quiet=False):
     signal.signal(signal.SIGINT, old_handler)
     if master and cfg.sample_tokens and not quiet and not stop:
         print_sample(raw_model, data, device, ctx, cfg.sample_tokens)
-    if ddp:
+    if ddp:  # leave together: rank 0 may still be saving, and a rank that tears down early can abort a peer
+        torch.distributed.barrier()
         destroy_process_group()
     if stop:
         sys.exit(130)
@@ -733,6 +734,7 @@ def time_steps(cfg, vocab):
     dt = float(np.median(windows))
     tok_s = world * cfg.batch_size * cfg.block_size / dt
     if 'RANK' in os.environ:
+        torch.distributed.barrier()
         destroy_process_group()
     return dict(params=model.get_num_params(), tok_s=tok_s, step_ms=dt * 1000, rank=rank, world=world,
                 windows='/'.join(f'{w * 1000:.1f}' for w in windows),
