@@ -1215,7 +1215,7 @@ def test_two_processes_under_torchrun_are_the_same_run_as_one(workdir):
     # Same batches, same averaged gradient, only rank 0 evaluates and writes: the same run.
     train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
     flags = TINY + ['--max_iters=4', '--eval_interval=2', '--gradient_accumulation_steps=2']
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONFAULTHANDLER='1')  # a rank that crashes shows where
     launch = {'one': [sys.executable, train_py],
               'two': [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', train_py]}
     for out_dir, cmd in launch.items():
