@@ -11,8 +11,6 @@ The needle dataset is the paper's retrieval test at toy scale: "the secret numbe
 hidden among filler sentences, then "what is it? 42". It needs no download
 and is the same bytes for the same seed.
 """
-import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -23,89 +21,13 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# flags: the one parser of all three scripts (train.py and sample.py import it from here,
-# since this file imports none of the others). --name=value, a bare --flag for True.
-
-def opt(default, help):
-    return field(default=default, metadata={'help': help})
-
-
-def check_values(cfg, positive=(), non_negative=(), choices={}):
-    """A ValueError naming the first flag whose value cannot work (parse_flags prints it in one line)."""
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f'--{name} must be > 0, got {getattr(cfg, name)}')
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f'--{name} must be >= 0, got {getattr(cfg, name)}')
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} must be one of {', '.join(map(repr, allowed))}; got {getattr(cfg, name)!r}")
-
-
-def parse_flags(cls, argv, doc):
-    """--name=value flags (and optional config files) over the defaults of dataclass cls."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for arg in argv:
-        if arg in ('-h', '--help'):
-            print(doc)
-            names = [f'--{f.name}={f.default if str(f.default).isprintable() else repr(f.default)}' for f in fields.values()]
-            width = min(32, max(map(len, names)))  # a longer default (a url) puts its help on the next line
-            for name, f in zip(names, fields.values()):
-                gap = '\n' + ' ' * (width + 4) if len(name) > width else ' ' * (width - len(name) + 2)
-                print(f'  {name}{gap}{f.metadata.get("help", "")}')
-            sys.exit(0)
-        if not arg.startswith('--'):  # a config file in nanoGPT's style: python assignments
-            if not os.path.isfile(arg):
-                hint = f"; did you mean --{arg}?" if '=' in arg else ''
-                sys.exit(f'error: {arg!r} is not a config file (flags are --name=value){hint}')
-            scope = {}
-            with open(arg) as fh:
-                exec(fh.read(), scope)
-            pairs = [(k, v) for k, v in scope.items() if not k.startswith('_')]
-        elif '=' not in arg:  # a bare --flag: True for a boolean
-            name = arg[2:]
-            if name in fields and type(fields[name].default) is not bool:
-                sys.exit(f'error: --{name} needs a value: --{name}=VALUE')
-            pairs = [(name, 'True')]
-        else:
-            pairs = [arg[2:].split('=', 1)]
-        for name, value in pairs:
-            if name not in fields:
-                close = difflib.get_close_matches(name, fields, n=1)
-                sys.exit(f'error: unknown flag --{name}' + (f' (did you mean --{close[0]}?)' if close else '')
-                         + f'; python {os.path.basename(sys.argv[0])} --help lists them')
-            values[name] = convert(name, value, type(fields[name].default))
-    try:
-        cfg = cls(**values)
-    except ValueError as e:
-        sys.exit(f'error: {e}')
-    cfg.given = frozenset(values)  # what the user set, which a resumed run keeps over the checkpoint's config
-    return cfg
-
-
-def convert(name, value, kind):
-    """A flag's text (or a config file's value) as the field's type, or exit with a message."""
-    if not isinstance(value, str):
-        if isinstance(value, kind) or (kind is float and isinstance(value, int)):
-            return kind(value)
-        sys.exit(f'error: {name} expects {"an" if kind is int else "a"} {kind.__name__}, got {value!r}')
-    try:
-        if kind is bool:
-            if value.lower() not in ('true', 'false', '1', '0'):
-                raise ValueError
-            return value.lower() in ('true', '1')
-        return kind(value)
-    except ValueError:
-        sys.exit(f'error: --{name} expects {"an" if kind is int else "a"} {kind.__name__}, got {value!r}')
+from configurator import check_values, opt, parse_flags
 
 # needle defaults (each one is also a --flag)
 DOC_LEN = 64         # max characters per document, question, answer and '\n' included
@@ -275,6 +197,10 @@ def download(url, path, sha256, timeout=10, local_cmd=None):
             return path
         print(f'{path} has the wrong sha256, downloading a fresh copy')
     folder = os.path.dirname(path) or '.'
+    made, parent = [], folder  # the folders made here, innermost first: a failed download removes them
+    while not os.path.isdir(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent) or '.'
     os.makedirs(folder, exist_ok=True)
     # temp file in the same folder, so os.replace is a rename on one filesystem and cannot half-happen
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.part')
@@ -299,6 +225,9 @@ def download(url, path, sha256, timeout=10, local_cmd=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        for d in made:
+            if not os.listdir(d):
+                os.rmdir(d)
     return path
 
 def encode_text(text, encode):

@@ -15,8 +15,10 @@ has decayed by alpha and turned by theta at every step since j. Appending the
 SSM channels to the query and key makes the whole score one stock
 scaled_dot_product_attention call, with no recurrent state and no custom kernel.
 
-Read top to bottom: rotations, the naive scan (the ground truth), the vectorized
-importance, SISA attention as one SDPA call, then the GPT around it.
+Read top to bottom: rotations; the SSM's inputs (C, B, log alpha, theta from x);
+the naive scan (the ground truth) and the vectorized importance; SISA attention as
+one SDPA call, then its exact chunked form and the dispatch to the fused kernel;
+then the GPT around it. Two backend workarounds sit at the end.
 
 Glossary of dimensions:
     b   batch size
@@ -61,6 +63,30 @@ def rope_angles(positions, head_dim, base=10000.0):
     """RoPE angles (l, head_dim // 2): position p turns pair m by p * base^(-2m / head_dim)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     return positions.float()[:, None] * inv_freq[None, :]
+
+
+# -----------------------------------------------------------------------------
+# The SSM's inputs, read from each token by one linear projection (Sec. 3.1).
+
+def ssm_inputs(u, a_bias, lambda_raw, d_state):
+    """Split u = x W_ssm, the projection of a layer's input x, into the SSM's inputs per head:
+    B_t = W_B x_t and C_t = W_C x_t, what token t writes and reads; a_t = w_a . x_t + b_a, its
+    decay alpha_t = exp(-softplus(a_t)) in (0, 1); theta_t = W_theta x_t, its angles; and
+    lambda = softplus(lambda_raw), the importance's weight against q.k.
+    Args:
+        u: (b, l, h (2 d_s + 1 + d_s / 2)), the columns of W_B, W_C, w_a, W_theta in that order
+        a_bias, lambda_raw: (h,)
+    Returns:
+        C, B: (b, h, l, d_s); log_alpha: (b, h, l), fp32; theta: (b, h, l, d_s / 2); lam: (h,)
+    """
+    b, l, _ = u.shape
+    h, d_s = a_bias.numel(), d_state
+    B, C, a, theta = u.split([h * d_s, h * d_s, h, h * d_s // 2], dim=-1)
+    B = B.view(b, l, h, d_s).transpose(1, 2)                    # (b, h, l, d_s)
+    C = C.view(b, l, h, d_s).transpose(1, 2)                    # (b, h, l, d_s)
+    theta = theta.view(b, l, h, d_s // 2).transpose(1, 2)      # (b, h, l, d_s/2)
+    log_alpha = -F.softplus(a.float().transpose(1, 2) + a_bias[:, None])  # (b, h, l)
+    return C, B, log_alpha, theta, F.softplus(lambda_raw)
 
 
 # -----------------------------------------------------------------------------
@@ -146,24 +172,85 @@ def importance(C, B, log_alpha, theta, lam):
 
 
 # -----------------------------------------------------------------------------
-# SISA attention: the importance term folded into one SDPA call.
+# SISA attention: the importance term folded into one SDPA call (Sec. 3.3).
 
-def sdpa(q, k, v, **kwargs):
-    """F.scaled_dot_product_attention, for keys wider than values.
+def sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p=0.0):
+    """softmax(q.k / sqrt(d_h) + lambda Cbar.Bbar + causal mask) v as ONE stock SDPA call.
 
-    CPU's fused kernel wants v as wide as q and k and otherwise falls back to the
-    unfused math path (1.1 to 1.3x slower training of the tiny model here), so on
-    the CPU v gets zero columns, which add nothing to the output, dropped after.
+    With s = d_h^(1/4) sqrt(lambda), Qhat = [q ; s Cbar] and Khat = [k ; s Bbar]:
+    Qhat.Khat / sqrt(d_h) = q.k / sqrt(d_h) + lambda Cbar.Bbar. The scale is passed
+    explicitly because SDPA's default would be 1 / sqrt(d_h + d_s). Exact while
+    exp(g - c) and exp(c - g) stay in the dtype (max_decay_span); sisa_attention
+    makes sure they do.
+    Args:
+        q, k, v: (b, h, l, d_h), RoPE already applied to q and k
+        g, RC, RB: from ssm_channels; lam: (h,)
+        c: (b, h, 1, 1), the offset
+    Returns:
+        (b, h, l, d_h)
     """
-    d_v = v.size(-1)
-    if q.device.type == 'cuda' and kwargs.get('attn_mask') is not None:
-        # the chunks' masked calls came back NaN from the default CUDA dispatch, and "misaligned
-        # address" from the memory-efficient kernel (H100, torch 2.11): the math kernel is exact
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    if q.device.type == 'cpu' and q.size(-1) > d_v:
-        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.size(-1) - d_v)), **kwargs)[..., :d_v]
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]  # (1, h, 1, 1)
+    Cbar = (g[..., None] - c).exp() * RC                                   # (b, h, l, d_s)
+    Bbar = (c - g[..., None]).exp() * RB                                   # (b, h, l, d_s)
+    Qhat = torch.cat([q, (s * Cbar).to(q.dtype)], dim=-1)                  # (b, h, l, d_h + d_s)
+    Khat = torch.cat([k, (s * Bbar).to(k.dtype)], dim=-1)                  # (b, h, l, d_h + d_s)
+    return sdpa(Qhat, Khat, v, dropout_p=dropout_p, is_causal=True, scale=1 / math.sqrt(q.size(-1)))
+
+
+def sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
+    """sisa_attention_sdpa, exact at any decay: one call where it fits, query chunks where not.
+
+    A sequence whose decay spans more nats than the dtype holds (max_decay_span) would
+    overflow or need the paper's clamp, which changes the scores and, as c depends on the
+    last token, breaks causality. Then the queries are split into chunks that each fit,
+    each chunk with its own offset: the cumulative decay at its first query. Keys from the
+    far past underflow to 0, which is their true weight. Each chunk is one SDPA call with a
+    lower-right causal mask, so a head that forgets N nats per block costs about N / 80
+    calls: fine for the short blocks of a CPU; the fused kernel does it in one launch.
+    Args and Returns: as sisa_attention.
+    """
+    g, RC, RB = ssm_channels(C, B, log_alpha, theta)
+    span = g[..., 0] - g[..., -1]  # (b, h); g never increases
+    limit = max_decay_span(q.dtype)
+    if q.device.type == 'meta' or span.max() <= limit:  # one call (meta: no values, same shapes)
+        c = ((g[..., 0] + g[..., -1]) / 2)[..., None, None]  # the midpoint: both factors in range
+        return sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p)
+    s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]
+    out, l, i0 = [], q.size(-2), 0
+    while i0 < l:
+        # longest chunk whose decay span fits, for every sequence and head
+        chunk_span = (g[..., i0, None] - g[..., i0:]).amax(dim=(0, 1))  # (l - i0,)
+        i1 = i0 + max(1, int((chunk_span <= limit).sum()))
+        c = g[..., i0, None, None]
+        Cbar = (g[..., i0:i1, None] - c).exp() * RC[..., i0:i1, :]   # queries i0 .. i1-1
+        Bbar = (c - g[..., :i1, None]).exp() * RB[..., :i1, :]       # keys 0 .. i1-1
+        Qhat = torch.cat([q[..., i0:i1, :], (s * Cbar).to(q.dtype)], dim=-1)
+        Khat = torch.cat([k[..., :i1, :], (s * Bbar).to(k.dtype)], dim=-1)
+        mask = torch.ones(i1 - i0, i1, dtype=torch.bool, device=q.device).tril(diagonal=i0)
+        out.append(sdpa(Qhat, Khat, v[..., :i1, :], attn_mask=mask, dropout_p=dropout_p,
+                        scale=1 / math.sqrt(q.size(-1))))
+        i0 = i1
+    return torch.cat(out, dim=-2)
+
+
+def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='auto', offset='exact'):
+    """SISA attention, exact at any decay: the fused kernel where it runs, else the chunked SDPA form.
+
+    Args:
+        q, k, v: (b, h, l, d_h), RoPE already applied to q and k
+        C, B, log_alpha, theta, lam: as importance_naive
+        kernel: 'auto', 'triton' or 'sdpa' (see fused_kernel)
+        offset: 'exact', or 'paper' for the ablation of the paper's recipe (paper_attention)
+    Returns:
+        (b, h, l, d_h)
+    """
+    if offset == 'paper':
+        return paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p)
+    if fused_kernel(kernel, q.device, dropout_p):
+        import sisa_kernel  # imports Triton: only where it is used
+        g, RC, RB = sisa_kernel.channels(C, B, log_alpha, theta)  # ssm_channels, fused
+        return sisa_kernel.sisa_attention_fused(q, k, v, RC, RB, g, lam)
+    return sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p)
 
 
 HAS_TRITON = importlib.util.find_spec('triton') is not None  # looked up once: torch.compile cannot trace it
@@ -194,70 +281,6 @@ def fused_kernel(kernel, device, dropout_p=0.0):
     return why is None
 
 
-def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='auto', offset='exact'):
-    """softmax(q.k / sqrt(d_h) + lambda Cbar.Bbar + causal mask) v, via SDPA (Sec. 3.3).
-
-    With s = d_h^(1/4) sqrt(lambda), Qhat = [q ; s Cbar] and Khat = [k ; s Bbar]:
-    Qhat.Khat / sqrt(d_h) = q.k / sqrt(d_h) + lambda Cbar.Bbar. The scale is passed
-    explicitly because SDPA's default would be 1 / sqrt(d_h + d_s).
-
-    A sequence whose decay spans more nats than the dtype holds (max_decay_span)
-    would overflow or need the paper's clamp, which changes the scores and, as c
-    depends on the last token, breaks causality. Then the queries are split into
-    chunks that each fit, each chunk with its own offset: the cumulative decay at
-    its first query. Keys from the far past underflow to 0, which is their true
-    weight. Each chunk is one SDPA call with a lower-right causal mask, so a head
-    that forgets N nats per block costs about N / 80 calls: fine for the small blocks
-    of a CPU, slow for trained heads at block 1024 and more. On CUDA the fused kernel
-    (sisa_kernel.py, see fused_kernel) computes the same scores in one launch at any decay.
-
-    Args:
-        q, k, v: (b, h, l, d_h), RoPE already applied to q and k
-        C, B, log_alpha, theta, lam: as importance_naive
-        kernel: 'auto', 'triton' or 'sdpa' (see fused_kernel)
-        offset: 'exact', or 'paper' for the ablation of the paper's recipe (paper_attention)
-    Returns:
-        (b, h, l, d_h)
-    """
-    d_h = q.size(-1)
-    if offset == 'paper':
-        return paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p)
-    if fused_kernel(kernel, q.device, dropout_p):
-        import sisa_kernel  # imports Triton: only where it is used
-        g, RC, RB = sisa_kernel.channels(C, B, log_alpha, theta)  # ssm_channels, fused
-        return sisa_kernel.sisa_attention_fused(q, k, v, RC, RB, g, lam)
-    g, RC, RB = ssm_channels(C, B, log_alpha, theta)
-    s = d_h ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]  # (1, h, 1, 1)
-    sRC, sRB = s * RC, s * RB
-    limit = max_decay_span(q.dtype)
-
-    def channels(c, i0, i1, j1):  # Qhat for queries i0..i1-1, Khat for keys 0..j1-1
-        Cbar = (g[..., i0:i1, None] - c).exp() * sRC[..., i0:i1, :]
-        Bbar = (c - g[..., :j1, None]).exp() * sRB[..., :j1, :]
-        Qhat = torch.cat([q[..., i0:i1, :], Cbar.to(q.dtype)], dim=-1)
-        Khat = torch.cat([k[..., :j1, :], Bbar.to(k.dtype)], dim=-1)
-        return Qhat, Khat
-
-    span = g[..., 0] - g[..., -1]  # (b, h); g never increases
-    l = q.size(-2)
-    if q.device.type == 'meta' or span.max() <= limit:  # one call, the offset never bites (meta: no values, same shapes)
-        c = ((g[..., 0] + g[..., -1]) / 2)[..., None, None]
-        Qhat, Khat = channels(c, 0, l, l)
-        return sdpa(Qhat, Khat, v, dropout_p=dropout_p, is_causal=True, scale=1 / math.sqrt(d_h))
-    out, i0 = [], 0
-    while i0 < l:
-        # longest chunk whose decay span fits, for every sequence and head
-        chunk_span = (g[..., i0, None] - g[..., i0:]).amax(dim=(0, 1))  # (l - i0,)
-        i1 = i0 + max(1, int((chunk_span <= limit).sum()))
-        c = g[..., i0, None, None]
-        Qhat, Khat = channels(c, i0, i1, i1)
-        mask = torch.ones(i1 - i0, i1, dtype=torch.bool, device=q.device).tril(diagonal=i0)
-        out.append(sdpa(Qhat, Khat, v[..., :i1, :], attn_mask=mask, dropout_p=dropout_p,
-                        scale=1 / math.sqrt(d_h)))
-        i0 = i1
-    return torch.cat(out, dim=-2)
-
-
 def paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, bound=11.0):
     """The paper's recipe, kept for the ablation (train.py --sisa_offset=paper): one SDPA call
     with the offset c = (max g + min g) / 2 of the whole sequence and (g - c) clamped to
@@ -270,12 +293,9 @@ def paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, bound=1
         import sisa_kernel
         cumsum = sisa_kernel.cumsum
     g, RC, RB = ssm_channels(C, B, log_alpha, theta, cumsum=cumsum)
-    s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]
-    c = (g.amax(-1, keepdim=True) + g.amin(-1, keepdim=True)) / 2
-    gc = (g - c).clamp(-bound, bound)[..., None]
-    Qhat = torch.cat([q, (gc.exp() * s * RC).to(q.dtype)], dim=-1)
-    Khat = torch.cat([k, ((-gc).exp() * s * RB).to(k.dtype)], dim=-1)
-    return sdpa(Qhat, Khat, v, dropout_p=dropout_p, is_causal=True, scale=1 / math.sqrt(q.size(-1)))
+    c = ((g.amax(-1, keepdim=True) + g.amin(-1, keepdim=True)) / 2)[..., None]  # (b, h, 1, 1)
+    g_clamped = c[..., 0] + (g - c[..., 0]).clamp(-bound, bound)
+    return sisa_attention_sdpa(q, k, v, g_clamped, RC, RB, lam, c, dropout_p)
 
 
 # -----------------------------------------------------------------------------
@@ -298,12 +318,10 @@ class GPTConfig:
     sisa_offset: str = 'exact' # 'exact', or 'paper': the paper's clamped offset (paper_attention), an ablation
 
     def __post_init__(self):
-        if self.attention not in ('sisa', 'softmax'):
-            raise ValueError(f"attention must be 'sisa' or 'softmax', got {self.attention!r}")
-        if self.kernel not in ('auto', 'triton', 'sdpa'):
-            raise ValueError(f"kernel must be 'auto', 'triton' or 'sdpa', got {self.kernel!r}")
-        if self.sisa_offset not in ('exact', 'paper'):
-            raise ValueError(f"sisa_offset must be 'exact' or 'paper', got {self.sisa_offset!r}")
+        for name, allowed in (('attention', ('sisa', 'softmax')), ('kernel', ('auto', 'triton', 'sdpa')),
+                              ('sisa_offset', ('exact', 'paper'))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if self.d_ff < 0:
             raise ValueError(f"d_ff must be >= 0 (0: 8 n_embd / 3), got {self.d_ff}")
         if self.n_embd % self.n_head != 0:
@@ -333,39 +351,6 @@ class GPTConfig:
         return d_ff
 
 
-def padded_linear(x, layer, pad_in=0, pad_out=0):
-    """layer(x), computed with pad_in zero columns appended to x and to the weight, and pad_out
-    zero rows to the weight (cut off the output): the same numbers, in widths cuBLAS runs fast.
-
-    SISA's widths are odd: its SwiGLU is the Transformer's less what the SSM costs (2908 at
-    the 152M shape), its SSM projection 492. cuBLAS's fast kernels want rows of a multiple of
-    16 bytes; on one H100 padding the two took the 152M training step from 65.5 to 60.8 ms."""
-    weight, bias = layer.weight, layer.bias
-    if pad_in:
-        x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in))
-    if pad_out:
-        weight = F.pad(weight, (0, 0, 0, pad_out))
-        bias = None if bias is None else F.pad(bias, (0, pad_out))
-    y = F.linear(x, weight, bias)
-    return y[..., :layer.out_features] if pad_out else y
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight."""
-
-    def __init__(self, ndim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(ndim))
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-
-
-def softplus_inverse(y):
-    return math.log(math.expm1(y))
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -377,10 +362,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.kernel = config.kernel
         self.offset = config.sisa_offset
-        # one projection for q, k, v and one for SISA's B, C, a, theta: two matmuls instead of seven.
-        # Not one for all: the gradient of a fused projection is the cat of its parts, and inductor
-        # evaluates the rotation's backward (sin, cos) for every element of that cat, q, k and v
-        # included: 9 of 68 ms per step at the 152M shape on an H100.
+        # one projection for q, k, v and one for SISA's B, C, a, theta (ssm_inputs): two matmuls, not seven.
+        # Not one for all: inductor would evaluate the rotation's backward for q, k and v too (docs/performance.md)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         if self.sisa:
             self.ssm_widths = config.ssm_widths()
@@ -391,7 +374,7 @@ class CausalSelfAttention(nn.Module):
             # b_a = -5: alpha = exp(-softplus(-5)) ~ 0.9933, a half-life of about 100 tokens
             self.a_bias = nn.Parameter(torch.full((config.n_head,), -5.0))
             # lambda = softplus(lambda_raw) ~ 0.31. Kept fp32 by autocast: bf16 would round its updates away
-            self.lambda_raw = nn.Parameter(torch.full((config.n_head,), softplus_inverse(0.31)))
+            self.lambda_raw = nn.Parameter(torch.full((config.n_head,), math.log(math.expm1(0.31))))
         self.record_stats = False  # train.py turns this on to read SISA's diagnostics
         self.stats = None
 
@@ -406,7 +389,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None):
         b, l, d = x.shape
-        h, d_h, d_s = self.n_head, self.head_dim, self.d_state
+        h, d_h = self.n_head, self.head_dim
         start = cache['len'] if cache else 0  # position of x's first token
         q, k, v = self.c_attn(x).split(d, dim=-1)
         q, k, v = (t.view(b, l, h, d_h).transpose(1, 2) for t in (q, k, v))  # (b, h, l, d_h)
@@ -420,12 +403,8 @@ class CausalSelfAttention(nn.Module):
                                                is_causal=start == 0)
         else:
             pad = -self.c_ssm.out_features % 64 if x.is_cuda else 0  # see padded_linear
-            B, C, a, theta = padded_linear(x, self.c_ssm, pad_out=pad).split(self.ssm_widths, dim=-1)
-            B = B.view(b, l, h, d_s).transpose(1, 2)                    # (b, h, l, d_s)
-            C = C.view(b, l, h, d_s).transpose(1, 2)                    # (b, h, l, d_s)
-            theta = theta.view(b, l, h, d_s // 2).transpose(1, 2)      # (b, h, l, d_s/2)
-            log_alpha = -F.softplus(a.float().transpose(1, 2) + self.a_bias[:, None])  # (b, h, l)
-            lam = F.softplus(self.lambda_raw)                           # (h,)
+            u = padded_linear(x, self.c_ssm, pad_out=pad)              # (b, l, h (2 d_s + 1 + d_s/2))
+            C, B, log_alpha, theta, lam = ssm_inputs(u, self.a_bias, self.lambda_raw, self.d_state)
             if self.record_stats:
                 self.record(log_alpha, lam, q.dtype)
             if cache is None:
@@ -473,10 +452,8 @@ class CausalSelfAttention(nn.Module):
     @torch.no_grad()
     def record(self, log_alpha, lam, dtype):
         span = -log_alpha.sum(-1)  # (b, h) nats of decay across the sequence
-        self.stats = dict(lam=lam.tolist(),
-                          half_life=(math.log(2) / -log_alpha.mean(dim=(0, 2))).tolist(),
-                          span=span.max().item(),
-                          chunked=bool(span.max() > max_decay_span(dtype)))
+        self.stats = dict(lam=lam.tolist(), half_life=(math.log(2) / -log_alpha.mean(dim=(0, 2))).tolist(),
+                          span=span.max().item(), chunked=bool(span.max() > max_decay_span(dtype)))
 
 
 class MLP(nn.Module):
@@ -499,9 +476,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = RMSNorm(config.n_embd)
+        self.ln_1 = nn.RMSNorm(config.n_embd, eps=1e-6)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = RMSNorm(config.n_embd)
+        self.ln_2 = nn.RMSNorm(config.n_embd, eps=1e-6)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
@@ -518,7 +495,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=RMSNorm(config.n_embd),
+            ln_f=nn.RMSNorm(config.n_embd, eps=1e-6),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
@@ -555,9 +532,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx))  # (b, l, d)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache[i] if cache is not None else None)
-        if cache is not None:
-            for layer_cache in cache:
-                layer_cache['len'] = start + l
+        for layer_cache in cache or []:
+            layer_cache['len'] = start + l
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -571,8 +547,9 @@ class GPT(nn.Module):
         return [{} for _ in range(self.config.n_layer)]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, on_token=None):
         """Sample max_new_tokens tokens after idx (b, l). temperature=0 picks the argmax.
+        on_token, if given, sees each new (b, 1) token as it comes (sample.py prints them).
 
         With use_cache, each new token costs one step over the cached keys, O(l),
         instead of a full forward. Past block_size the context is cropped to the
@@ -600,6 +577,8 @@ class GPT(nn.Module):
                     logits[logits < v[:, [-1]]] = -float('inf')
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
+            if on_token:
+                on_token(idx_next)
         return idx
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -612,17 +591,38 @@ class GPT(nn.Module):
         use_fused = device_type == 'cuda'
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=use_fused)
 
-    def flops_per_token(self):
-        """Training FLOPs per token: 6N for the weights, plus attention's QK^T (width d_h + d_s
-        for SISA) and PV (width d_h), forward and backward, without causal savings (as in nanoGPT)."""
-        cfg = self.config
-        d_h = cfg.n_embd // cfg.n_head
-        d_s = cfg.d_state if cfg.attention == 'sisa' else 0
-        attn = 6 * cfg.n_layer * cfg.n_head * cfg.block_size * (2 * d_h + d_s)
-        return 6 * self.get_num_params() + attn
 
-    def estimate_mfu(self, tokens_per_sec, peak_flops):
-        """Model FLOPs utilization: achieved FLOP/s over the accelerator's peak (None if unknown)."""
-        if not peak_flops:
-            return None
-        return self.flops_per_token() * tokens_per_sec / peak_flops
+# -----------------------------------------------------------------------------
+# Backend workarounds: the same numbers, in the shapes the fast kernels want.
+
+def sdpa(q, k, v, **kwargs):
+    """F.scaled_dot_product_attention, for keys wider than values.
+
+    CPU's fused kernel wants v as wide as q and k, or falls back to the slower math path,
+    so on the CPU v gets zero columns, which add nothing to the output, dropped after.
+    """
+    d_v = v.size(-1)
+    if q.device.type == 'cuda' and kwargs.get('attn_mask') is not None:
+        # the chunks' masked calls came back NaN from the default CUDA dispatch, and "misaligned
+        # address" from the memory-efficient kernel (torch 2.11): the math kernel is exact
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if q.device.type == 'cpu' and q.size(-1) > d_v:
+        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.size(-1) - d_v)), **kwargs)[..., :d_v]
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def padded_linear(x, layer, pad_in=0, pad_out=0):
+    """layer(x), computed with pad_in zero columns appended to x and to the weight, and pad_out
+    zero rows to the weight (cut off the output): the same numbers, in widths cuBLAS runs fast.
+
+    SISA's widths are odd (its SwiGLU is the Transformer's less what the SSM costs), and
+    cuBLAS's fast kernels want rows of a multiple of 16 bytes."""
+    weight, bias = layer.weight, layer.bias
+    if pad_in:
+        x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in))
+    if pad_out:
+        weight = F.pad(weight, (0, 0, 0, pad_out))
+        bias = None if bias is None else F.pad(bias, (0, pad_out))
+    y = F.linear(x, weight, bias)
+    return y[..., :layer.out_features] if pad_out else y

@@ -1,0 +1,141 @@
+"""
+Training throughput of SISA and the parameter-matched Transformer, side by side in one run.
+
+$ python bench.py                                   # the default tiny needle model
+$ python bench.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64 --vocab_size=65 --half_life=4
+$ python bench.py --n_layer=12 --n_head=12 --n_embd=768 --d_ff=3072 --block_size=2048 --batch_size=8 --d_state=16 --vocab_size=50304
+$ torchrun --standalone --nproc_per_node=2 bench.py --attention=sisa   # one model, data-parallel
+
+Each model is timed in a fresh process, so neither inherits the other's compilation caches or
+allocator state: the figure is the one the model gets when timed alone. It takes train.py's flags
+(the model, the batch, --dtype, --compile, --kernel) and the three below.
+"""
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import prepare_data
+from configurator import autocast, check_values, estimate_mfu, opt, parse_flags, pick_device, pick_dtype
+from dataset import Data
+from sisa import GPT
+from train import TrainConfig, model_config, use_compile
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    iters: int = opt(20, 'timed steps per model (in 5 windows; the median counts)')
+    half_life: float = opt(0.0, "every SISA head's decay half-life in tokens (0: as initialized, ~100)")
+    vocab_size: int = opt(0, "vocabulary of the random tokens (0: the dataset's)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_values(self, positive=('iters',), non_negative=('half_life', 'vocab_size'))
+
+
+def time_steps(cfg, vocab):
+    """Median time of full training steps (forward, backward, clipping, AdamW) of one model,
+    over 5 windows after 5 warm-up steps (compilation included). The learning rate is 0, so
+    the decays stay where they were set. Under torchrun every process takes its own batch
+    and DDP averages the gradients, as in training; tok_s counts the tokens of all of them."""
+    device = pick_device(cfg.device)
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if 'RANK' in os.environ:
+        if device.type == 'cuda':
+            device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+            torch.cuda.set_device(device)
+        init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    dtype = pick_dtype(cfg.dtype, device)
+    ctx = autocast(device, dtype)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config(cfg, vocab)).to(device)
+    if cfg.half_life and cfg.attention == 'sisa':
+        for block in model.transformer.h:  # w_a = 0 at init: every token decays by softplus(b_a)
+            block.attn.a_bias.data.fill_(math.log(math.expm1(math.log(2) / cfg.half_life)))
+    optimizer = model.configure_optimizers(cfg.weight_decay, 0.0, (cfg.beta1, cfg.beta2), device.type)
+    run = torch.compile(model) if use_compile(cfg, device) else model
+    if world > 1:
+        run = DDP(run, device_ids=[device.index] if device.type == 'cuda' else None)
+    x = torch.randint(vocab, (cfg.batch_size, cfg.block_size), device=device,
+                      generator=torch.Generator(device).manual_seed(cfg.seed + rank))
+
+    def step():
+        with ctx:
+            _, loss = run(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    sync()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    windows = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(max(1, cfg.iters // 5)):
+            step()
+        sync()
+        windows.append((time.perf_counter() - t0) / max(1, cfg.iters // 5))
+    dt = float(np.median(windows))
+    tok_s = world * cfg.batch_size * cfg.block_size / dt
+    if 'RANK' in os.environ:
+        torch.distributed.barrier()
+        destroy_process_group()
+    return dict(params=model.get_num_params(), tok_s=tok_s, step_ms=dt * 1000, rank=rank, world=world,
+                windows='/'.join(f'{w * 1000:.1f}' for w in windows),
+                mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None,
+                mfu=estimate_mfu(model, tok_s / world, device, dtype))
+
+
+def benchmark(cfg):
+    device = pick_device(cfg.device)
+    vocab = cfg.vocab_size or Data(cfg).meta['vocab_size']
+    half_life = f'half-life {cfg.half_life:g} tokens' if cfg.half_life else 'decays at init'
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), torch {torch.__version__}, '
+              f'{pick_dtype(cfg.dtype, device)}, {"compiled" if use_compile(cfg, device) else "eager"}, batch {cfg.batch_size} x '
+              f'{cfg.block_size}, vocab {vocab}, SISA kernel {cfg.kernel}, dropout {cfg.dropout:g}, {half_life}')
+    if 'RANK' in os.environ:  # torchrun: the one model of --attention, data-parallel, timed in these processes
+        r = time_steps(cfg, vocab)
+        if r['rank'] == 0:
+            print(f"{cfg.attention}: {r['world']} processes x batch {cfg.batch_size}: {r['tok_s']:,.0f} tok/s in all, "
+                  f"{r['step_ms']:.1f} ms/step (windows {r['windows']} ms), MFU per GPU "
+                  + ('n/a' if r['mfu'] is None else f"{r['mfu']:.1%}"))
+        return {cfg.attention: r}
+    results = {}
+    for attention in ('sisa', 'softmax'):
+        with torch.multiprocessing.get_context('spawn').Pool(1) as pool:
+            r = results[attention] = pool.apply(time_steps, (dataclasses.replace(cfg, attention=attention), vocab))
+        mem = 'n/a' if r['mem_gib'] is None else f"{r['mem_gib']:.2f} GiB"
+        mfu = 'n/a' if r['mfu'] is None else f"{r['mfu']:.1%}"
+        print(f"{attention:>8}: {r['params'] / 1e6:.2f}M params, {r['tok_s']:,.0f} tok/s, {r['step_ms']:.1f} ms/step "
+              f"(windows {r['windows']} ms), peak {mem}, MFU {mfu}")
+    s, t = results['sisa'], results['softmax']
+    memory = f"{s['mem_gib'] / t['mem_gib']:.3f}x" if s['mem_gib'] else 'n/a'
+    print(f"SISA/Transformer: throughput {s['tok_s'] / t['tok_s']:.3f}x, memory {memory} "
+          f"(MFU counts 6N + 6 n_layer n_head block_size (2 d_h + d_s) FLOPs per token; d_s = 0 for softmax)")
+    return results
+
+
+def main(argv):
+    cfg = parse_flags(BenchConfig, argv, __doc__)
+    try:
+        benchmark(cfg)
+    except (prepare_data.DataError, ValueError) as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

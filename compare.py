@@ -1,0 +1,179 @@
+"""
+SISA against the parameter-matched Transformer: the same seeds, data and schedule, a table of
+median [min, max] over seeds.
+
+$ python compare.py                                  # the default needle task, 3 seeds each
+$ python compare.py --models=sisa,softmax,paper --seeds=5 --max_iters=2000
+$ python compare.py --jobs=4                         # four runs at once, each in its own process
+
+It takes train.py's flags (the task, the model, the schedule) and the three below. Runs go to
+out_dir/<model>_seed<k>/; the table and every run's history to out_dir/compare.json.
+"""
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import prepare_data
+from configurator import autocast, check_values, opt, parse_flags, pick_device, pick_dtype
+from dataset import Data, needle_accuracy
+from train import TrainConfig, load_checkpoint, load_model, train
+
+TITLES = {'sisa': 'SISA', 'softmax': 'Transformer', 'paper': "SISA, paper's offset"}
+
+
+@dataclass
+class CompareConfig(TrainConfig):
+    models: str = opt('sisa,softmax', "models from 'sisa', 'softmax', 'paper' (SISA with the paper's offset)")
+    seeds: int = opt(3, 'seeds per model')
+    jobs: int = opt(1, 'runs trained at once, each in its own process (small models leave a GPU idle)')
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_values(self, positive=('seeds', 'jobs'))
+        names = self.models.split(',')
+        if not names or any(m not in TITLES for m in names):
+            raise ValueError(f"--models takes 'sisa', 'softmax' and 'paper', comma-separated; got {self.models!r}")
+
+
+def steps_to(history, level):
+    return next((h['iter'] for h in history if h.get('needle_acc', 0) >= level), None)
+
+
+def spread(values, fmt='{:.0f}'):
+    """'median [min, max]' over seeds; '-' marks a seed that never got there."""
+    if any(v is None for v in values):
+        got = sorted(v for v in values if v is not None)
+        return f"never ({len(got)}/{len(values)} seeds)" if not got else \
+            f"{len(got)}/{len(values)} seeds: {', '.join(fmt.format(v) for v in got)}"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f'{fmt.format(float(np.median(values)))} [{fmt.format(min(values))}, {fmt.format(max(values))}]'
+
+
+def trained_model(out_dir, cfg):
+    """The checkpoint in out_dir, on cfg's device, in eval mode, with the autocast context to run it in."""
+    device = pick_device(cfg.device)
+    model = load_model(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), cfg.kernel).to(device).eval()
+    return model, device, autocast(device, pick_dtype(cfg.dtype, device))
+
+
+@torch.no_grad()
+def length_sweep(out_dir, data, cfg, lengths):
+    """Needle accuracy of a trained checkpoint at several document lengths (beyond training too)."""
+    model, device, ctx = trained_model(out_dir, cfg)
+    model.config.block_size = max(lengths)  # RoPE has no table: let it see longer inputs than it trained on
+    n_digits = data.meta['n_digits']
+    return {L: needle_accuracy(model, data, prepare_data.needle_eval_set(cfg.eval_needles, cfg.seed + 2, L, n_digits),
+                               device, ctx) for L in lengths}
+
+
+@torch.no_grad()
+def leak(out_dir, data, cfg):
+    """How far the last token reaches back: the largest change of any earlier position's
+    log-probabilities when only the last token of a validation window is replaced (the median
+    over a batch of windows), and the fraction of earlier positions whose greedy prediction flips.
+    0 for a causal model; the paper's clamped offset is not causal."""
+    model, device, ctx = trained_model(out_dir, cfg)
+    x, _ = data.batch('val', 0, device, stream=2)
+    other = x.clone()
+    other[:, -1] = (x[:, -1] + 1) % data.meta['vocab_size']
+    with ctx:
+        a, b = (model(t, t)[0][:, :-1].float().log_softmax(-1) for t in (x, other))
+    return dict(max_change=(a - b).abs().amax((1, 2)).median().item(),
+                flips=(a.argmax(-1) != b.argmax(-1)).float().mean().item())
+
+
+def compare_run(run, lengths):
+    """One model and seed: train it, then its length sweep and its leak."""
+    history = train(run, quiet=True)
+    data = Data(run)
+    sweep = length_sweep(run.out_dir, data, run, lengths) if lengths else {}
+    return dict(history=history, sweep=sweep, leak=leak(run.out_dir, data, run))
+
+
+def runs_of(cfg):
+    """(model, seed index, TrainConfig) for every run, seeds outermost."""
+    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+    return [(m, s, TrainConfig(**{**base, 'attention': 'softmax' if m == 'softmax' else 'sisa',
+                                  'sisa_offset': 'paper' if m == 'paper' else 'exact', 'seed': cfg.seed + s,
+                                  'sample_tokens': 0, 'init_from': 'scratch',
+                                  'out_dir': os.path.join(cfg.out_dir, f'{m}_seed{s}')}))
+            for s in range(cfg.seeds) for m in cfg.models.split(',')]
+
+
+def table(cfg, runs, lengths, needle):
+    """The rows of the comparison: (name, one 'median [min, max]' per model)."""
+    steps = [h['iter'] for h in next(iter(runs.values()))[0]['history']]
+    marks = sorted({steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]})
+    column = lambda f, fmt: [spread([f(r) for r in runs[m]], fmt) for m in runs]
+    rows = []
+    if needle:
+        rows += [(f'steps to {int(level * 100)}% needle', column(lambda r: steps_to(r['history'], level), '{:.0f}'))
+                 for level in (0.5, 0.9, 1.0)]
+        rows.append(('final needle accuracy', column(lambda r: r['history'][-1]['needle_acc'] * 100, '{:.1f}%')))
+    for s in marks:
+        rows.append((f'val loss at step {s}',
+                     column(lambda r: next(h['val_loss'] for h in r['history'] if h['iter'] == s), '{:.4f}')))
+    for L in lengths:
+        rows.append((f'needle at length {L}' + (' (> block)' if L > cfg.block_size else ''),
+                     column(lambda r: r['sweep'][L] * 100, '{:.1f}%')))
+    rows.append(('leak: max change of log p', column(lambda r: r['leak']['max_change'], '{:.2g}')))
+    rows.append(('leak: predictions flipped', column(lambda r: r['leak']['flips'] * 100, '{:.2f}%')))
+    return rows
+
+
+def compare(cfg):
+    data = Data(cfg)
+    needle = data.needles is not None and cfg.eval_needles > 0
+    lengths = [L for L in (cfg.block_size * f // 4 for f in (1, 2, 3, 4, 5, 6))
+               if L >= prepare_data.needle_min_len(data.meta.get('n_digits', 2))] if needle else []
+    jobs, results = runs_of(cfg), {}
+    bar = tqdm(total=len(jobs), desc='compare')
+
+    def done(m, s, r):
+        results[m, s] = r
+        bar.update(1)
+        first = steps_to(r['history'], 1.0)
+        bar.write(f"{m} seed {cfg.seed + s}: val loss {r['history'][-1]['val_loss']:.4f}"
+                  + (f", needle {r['history'][-1]['needle_acc']:.0%}, "
+                     + ('never 100%' if first is None else f'first 100% at step {first}') if needle else ''))
+
+    if cfg.jobs == 1:
+        for m, s, run in jobs:
+            done(m, s, compare_run(run, lengths))
+    else:  # each run in a fresh process; the results are the same as one after another (a test checks)
+        with torch.multiprocessing.get_context('spawn').Pool(min(cfg.jobs, len(jobs))) as pool:
+            pending = [(m, s, pool.apply_async(compare_run, (run, lengths))) for m, s, run in jobs]
+            for m, s, r in pending:
+                done(m, s, r.get())
+    bar.close()
+    runs = {m: [results[m, s] for s in range(cfg.seeds)] for m in cfg.models.split(',')}
+    with open(os.path.join(cfg.out_dir, 'compare.json'), 'w') as f:
+        json.dump(dict(config=dataclasses.asdict(cfg), runs=runs), f)
+    print(f"\n{cfg.dataset}, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.max_iters} steps, {cfg.seeds} seeds "
+          f"(median [min, max])\n")
+    print(f"| {'':<30} | " + ' | '.join(f'{TITLES[m]:<28}' for m in runs) + ' |')
+    print(f"|{'-' * 32}|" + '|'.join('-' * 30 for _ in runs) + '|')
+    for name, values in table(cfg, runs, lengths, needle):
+        print(f'| {name:<30} | ' + ' | '.join(f'{v:<28}' for v in values) + ' |')
+    print("leak: the largest change of an earlier position's log-probabilities, and the share of earlier greedy "
+          "predictions that flip, when only the last token changes. A causal model gives 0; SISA's one-call form "
+          "may show rounding (about 1e-6), since its offset c is taken over the whole sequence.")
+
+
+def main(argv):
+    cfg = parse_flags(CompareConfig, argv, __doc__)
+    try:
+        compare(cfg)
+    except (prepare_data.DataError, ValueError) as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

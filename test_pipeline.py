@@ -1,0 +1,710 @@
+"""Tests of the pipeline around the model: data preparation and downloads, tokenizers, the
+command lines, training, resuming, sampling, torchrun, compare.py and bench.py. The properties
+of SISA itself are in test_sisa.py.
+
+Run: python -m pytest -q test_pipeline.py
+"""
+import dataclasses
+import functools
+import hashlib
+import http.server
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import compare as cp
+import prepare_data as pd
+import sample as sp
+import train as tr
+from configurator import parse_flags
+from prepare_data import DataError
+from sisa import GPT
+
+# =============================================================================
+# prepare_data.py
+
+
+# -----------------------------------------------------------------------------
+# download against a local http server
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+@pytest.fixture
+def server(tmp_path):
+    """Serves tmp_path/www on 127.0.0.1 at an ephemeral port; yields (base_url, www_dir, stop)."""
+    www = tmp_path / 'www'
+    www.mkdir()
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(QuietHandler, directory=str(www)))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True) # short poll, quick shutdown
+    thread.start()
+    stopped = []
+    def stop():
+        if not stopped:
+            httpd.shutdown()
+            httpd.server_close()
+            stopped.append(True)
+    yield f'http://127.0.0.1:{httpd.server_address[1]}', www, stop
+    stop()
+
+def leftovers(folder):
+    return [f for f in os.listdir(folder) if f.endswith('.part')]
+
+def test_download_writes_file_with_matching_hash(server, tmp_path):
+    url, www, _ = server
+    content = b'to be, or not to be\n' * 1000
+    (www / 'input.txt').write_bytes(content)
+    dest = tmp_path / 'data' / 'x' / 'input.txt'
+    assert pd.download(f'{url}/input.txt', str(dest), hashlib.sha256(content).hexdigest()) == str(dest)
+    assert dest.read_bytes() == content
+    assert leftovers(dest.parent) == []
+
+def test_download_reuses_cached_file_without_network(server, tmp_path):
+    url, www, stop = server
+    content = b'cached text\n'
+    (www / 'input.txt').write_bytes(content)
+    dest = tmp_path / 'input.txt'
+    sha = hashlib.sha256(content).hexdigest()
+    pd.download(f'{url}/input.txt', str(dest), sha)
+    stop() # a second fetch would now fail, so passing means the cache was used
+    assert pd.download(f'{url}/input.txt', str(dest), sha) == str(dest)
+    assert dest.read_bytes() == content
+
+def test_download_with_wrong_hash_keeps_nothing(server, tmp_path):
+    url, www, _ = server
+    (www / 'input.txt').write_bytes(b'tampered\n')
+    dest = tmp_path / 'input.txt'
+    with pytest.raises(DataError, match='integrity check failed') as e:
+        pd.download(f'{url}/input.txt', str(dest), '0' * 64)
+    assert '0' * 64 in str(e.value) and hashlib.sha256(b'tampered\n').hexdigest() in str(e.value)
+    assert not dest.exists()
+    assert os.listdir(tmp_path) == ['www'] # no temp file either
+
+def test_shakespeare_from_mirror_url(server, tmp_path, monkeypatch):
+    url, www, _ = server
+    text = 'ROMEO:\nBut, soft! what light through yonder window breaks?\n' * 50
+    (www / 'input.txt').write_bytes(text.encode())
+    monkeypatch.setattr(pd, 'SHAKESPEARE_SHA256', hashlib.sha256(text.encode()).hexdigest()) # our stand-in file
+    pd.main(['--dataset=shakespeare_char', f'--url={url}/input.txt', f'--data_dir={tmp_path / "data"}'])
+    data_dir = tmp_path / 'data' / 'shakespeare_char'
+    assert (data_dir / 'input.txt').read_text() == text # the raw file is cached beside the bins
+    _, decode = pd.get_tokenizer(pd.load_meta(str(data_dir)))
+    ids = np.concatenate([np.fromfile(data_dir / f'{s}.bin', dtype=np.uint16) for s in ('train', 'val')])
+    assert decode(ids.tolist()) == text
+
+def test_download_unreachable_fails_fast_with_offline_hint(tmp_path):
+    with socket.socket() as s: # a port that was just free, so nothing listens there
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    dest = tmp_path / 'shakespeare_char' / 'input.txt'
+    t0 = time.time()
+    with pytest.raises(DataError) as e:
+        pd.download(f'http://127.0.0.1:{port}/input.txt', str(dest), '0' * 64, timeout=2)
+    assert time.time() - t0 < 2
+    msg = str(e.value)
+    assert 'offline' in msg and '--input=' in msg and '--name=shakespeare_char' in msg
+    assert not dest.parent.exists() and tmp_path.exists()  # the folder it made is gone, nothing else
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def test_char_tokenizer_round_trips():
+    text = 'Line one: a cat, a dog.\nLine two? Yes!\n'
+    encode, decode = pd.get_tokenizer(pd.char_meta(text))
+    assert decode(encode(text)) == text
+    assert encode('') == [] and decode([]) == ''
+
+def test_char_tokenizer_names_unknown_characters():
+    encode, _ = pd.get_tokenizer(pd.char_meta('abc '))
+    with pytest.raises(DataError, match=r"characters not in the vocabulary: '@', 'Z'"):
+        encode('a Z b @ Z')
+
+def test_gpt2_tokenizer_offline_gives_clear_error(monkeypatch, tmp_path):
+    import requests
+    import tiktoken
+    import tiktoken.load
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path)) # empty cache, so tiktoken must fetch
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, 'gpt2', raising=False)
+    def offline(blobpath):
+        raise requests.ConnectionError(f'no network for {blobpath}')
+    monkeypatch.setattr(tiktoken.load, 'read_file', offline)
+    with pytest.raises(DataError) as e:
+        pd.get_tokenizer({'tokenizer': 'gpt2', 'vocab_size': 50257})
+    msg = str(e.value)
+    assert 'tiktoken could not fetch the GPT-2' in msg and 'TIKTOKEN_CACHE_DIR' in msg and '--tokenizer=char' in msg
+
+def test_load_meta_missing_names_the_command(tmp_path):
+    with pytest.raises(DataError, match='python prepare_data.py --dataset=needle'):
+        pd.load_meta(str(tmp_path / 'needle'))
+
+# -----------------------------------------------------------------------------
+# needle
+
+SMALL = dict(doc_len=96, n_digits=2, n_train_docs=300, n_val_docs=40, n_eval=30, seed=7)
+
+def test_needle_docs_fit_and_hold_exactly_one_needle():
+    for doc_len, n_digits in [(64, 2), (128, 2), (200, 3)]:
+        docs = pd.make_needle_docs(300, seed=1, doc_len=doc_len, n_digits=n_digits)
+        for text, answer in docs:
+            assert len(text) <= doc_len and text.endswith('\n') and text.count('\n') == 1
+            assert len(answer) == n_digits and answer.isdigit()
+            assert text.count('the secret number is') == 1
+            assert f'the secret number is {answer}.' in text
+            assert text.endswith(f'what is it? {answer}\n')
+            assert set(text) <= set(pd.NEEDLE_CHARS)
+        assert len({len(t) for t, _ in docs}) > 5 # lengths vary
+        assert len({t.index('the secret') for t, _ in docs}) > 5 # and so does the needle's place
+
+def test_loguniform_lengths_spread_evenly_over_octaves():
+    # as many documents in each octave of length: the median near the geometric mean of the range
+    # (uniform puts it near the middle), every document still within doc_len and well formed
+    lo, hi = pd.needle_min_len(2), 1024
+    uniform, loguniform = ([len(t) for t, _ in pd.make_needle_docs(3000, seed=2, doc_len=hi, lengths=k)]
+                           for k in ('uniform', 'loguniform'))
+    assert abs(np.median(uniform) - (lo + hi) / 2) < 40
+    assert abs(np.median(loguniform) - math.sqrt(lo * hi)) < 20
+    octaves = np.histogram(np.log2(loguniform), bins=4, range=(math.log2(lo), math.log2(hi)))[0]
+    assert octaves.min() > 0.8 * octaves.max()
+    for text, answer in pd.make_needle_docs(300, seed=3, doc_len=hi, lengths='loguniform'):
+        assert len(text) <= hi and text.count('the secret number is') == 1 and text.endswith(f'? {answer}\n')
+
+
+def test_needle_doc_len_too_short_is_a_clear_error():
+    with pytest.raises(DataError, match='too short'):
+        pd.make_needle_docs(1, seed=0, doc_len=39)
+
+def test_needle_eval_prompts_fill_doc_len_and_end_at_question():
+    for item in pd.needle_eval_set(50, seed=3, doc_len=256):
+        assert item['prompt'].endswith('what is it? ')
+        assert f"the secret number is {item['answer']}." in item['prompt']
+        assert 256 - pd.SHORTEST_SENTENCE - 1 < len(item['prompt']) + len(item['answer']) + 1 <= 256
+
+def test_prepare_needle_is_deterministic(tmp_path):
+    a = pd.prepare_needle(str(tmp_path / 'a'), **SMALL)
+    b = pd.prepare_needle(str(tmp_path / 'b'), **SMALL)
+    files = sorted(os.listdir(a))
+    assert files == ['eval.json', 'meta.pkl', 'train.bin', 'train_starts.bin', 'val.bin', 'val_starts.bin']
+    for f in files:
+        assert open(os.path.join(a, f), 'rb').read() == open(os.path.join(b, f), 'rb').read(), f
+    c = pd.prepare_needle(str(tmp_path / 'c'), **{**SMALL, 'seed': 8})
+    assert open(os.path.join(a, 'train.bin'), 'rb').read() != open(os.path.join(c, 'train.bin'), 'rb').read()
+
+def test_prepare_needle_bins_decode_to_the_documents(tmp_path):
+    data_dir = pd.prepare_needle(str(tmp_path), **SMALL)
+    meta = pd.load_meta(data_dir)
+    assert meta['tokenizer'] == 'char' and meta['doc_len'] == 96 and meta['vocab_size'] == len(pd.NEEDLE_CHARS)
+    _, decode = pd.get_tokenizer(meta)
+    for split, n, seed in [('train', 300, 7), ('val', 40, 8)]:
+        docs = [t for t, _ in pd.make_needle_docs(n, seed, 96, 2)]
+        ids = np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16)
+        starts = np.fromfile(os.path.join(data_dir, f'{split}_starts.bin'), dtype=np.uint32)
+        text = decode(ids.tolist())
+        assert text == ''.join(docs)
+        assert len(starts) == n and starts[0] == 0
+        for s, doc in zip(starts, docs):
+            assert text[s:s + len(doc)] == doc
+            assert s == 0 or text[s - 1] == '\n'
+
+def test_needle_splits_and_eval_use_different_seeds(tmp_path):
+    data_dir = pd.prepare_needle(str(tmp_path), **SMALL)
+    meta = pd.load_meta(data_dir)
+    _, decode = pd.get_tokenizer(meta)
+    read = lambda split: set(decode(np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16).tolist()).splitlines())
+    train, val = read('train'), read('val')
+    with open(os.path.join(data_dir, 'eval.json')) as f:
+        evals = json.load(f)
+    assert len(evals) == 30
+    eval_docs = {e['prompt'] + e['answer'] for e in evals}
+    assert val != train and not eval_docs <= train
+    assert len(eval_docs & train) < len(eval_docs) // 2 # a few short docs may repeat by chance, most must not
+    # every eval prompt encodes with the saved vocabulary
+    encode, _ = pd.get_tokenizer(meta)
+    for e in evals:
+        encode(e['prompt'] + e['answer'])
+
+def test_meta_holds_only_plain_types(tmp_path):
+    meta = pd.load_meta(pd.prepare_needle(str(tmp_path), **SMALL))
+    def plain(x):
+        if isinstance(x, dict):
+            return all(plain(k) and plain(v) for k, v in x.items())
+        if isinstance(x, list):
+            return all(map(plain, x))
+        return type(x) in (str, int)
+    assert plain(meta)
+
+# -----------------------------------------------------------------------------
+# local text files and the command line
+
+def test_input_file_char_round_trips(tmp_path):
+    text = ''.join(f'line {i}: the quick brown fox jumps over the lazy dog!\n' for i in range(200))
+    path = tmp_path / 'mytext.txt'
+    path.write_text(text, encoding='utf-8')
+    pd.main([f'--input={path}', '--tokenizer=char', f'--data_dir={tmp_path / "data"}'])
+    data_dir = tmp_path / 'data' / 'mytext' # name defaults to the file stem
+    meta = pd.load_meta(str(data_dir))
+    _, decode = pd.get_tokenizer(meta)
+    train = decode(np.fromfile(data_dir / 'train.bin', dtype=np.uint16).tolist())
+    val = decode(np.fromfile(data_dir / 'val.bin', dtype=np.uint16).tolist())
+    assert train + val == text
+    assert len(train) == int(0.9 * len(text))
+
+def test_main_rejects_unknown_flag():
+    with pytest.raises(SystemExit) as e:
+        pd.main(['--n_digit=3'])
+    assert 'unknown flag --n_digit (did you mean --n_digits?)' in str(e.value.code)
+
+def test_main_rejects_wrong_type_and_values_that_cannot_work(tmp_path):
+    for flag, message in [('--doc_len=long', '--doc_len expects an int'), ('--n_digits=0', '--n_digits must be > 0'),
+                          ('--n_train_docs=0', '--n_train_docs must be > 0'), ('--doc_len=10', '--doc_len=10 is too short')]:
+        with pytest.raises(SystemExit) as e:
+            pd.main([flag, f'--data_dir={tmp_path}'])
+        assert str(e.value.code).startswith('error: ' + message), flag
+    assert os.listdir(tmp_path) == []  # nothing left behind
+
+def test_main_prints_data_error_without_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        pd.main([f'--input={tmp_path / "missing.txt"}'])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith('error: cannot read') and 'Traceback' not in err
+
+
+# =============================================================================
+# train.py and sample.py, end to end (tiny: seconds on a CPU)
+
+
+TINY = ['--block_size=64', '--n_layer=1', '--n_head=2', '--n_embd=32', '--d_state=4', '--batch_size=4',
+        '--eval_iters=1', '--eval_needles=10', '--sample_tokens=0', '--warmup_iters=2', '--device=cpu']
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh folder holding a small needle dataset with 64-character documents."""
+    monkeypatch.chdir(tmp_path)
+    pd.prepare_needle('data', doc_len=64, n_train_docs=300, n_val_docs=50, n_eval=20)
+    return tmp_path
+
+
+def run_train(*flags):
+    return tr.train(parse_flags(tr.TrainConfig, TINY + list(flags), ''), quiet=True)
+
+
+def final_weights(out_dir):
+    return tr.load_checkpoint(f'{out_dir}/ckpt.pt')['model']
+
+
+def test_resume_continues_exactly_where_training_stopped(workdir):
+    # warmup longer than the run: the learning rate of step t is the same whatever max_iters says,
+    # so a run stopped at 6 and resumed to 10 must equal a run straight to 10
+    run_train('--max_iters=10', '--eval_interval=5', '--out_dir=full', '--warmup_iters=50')
+    run_train('--max_iters=6', '--eval_interval=3', '--out_dir=part', '--warmup_iters=50')
+    ckpt = tr.load_checkpoint('part/ckpt.pt')
+    assert ckpt['iter_num'] == 6 and ckpt['meta']['tokenizer'] == 'char'
+    history = run_train('--max_iters=10', '--eval_interval=5', '--out_dir=part', '--init_from=resume',
+                        '--warmup_iters=50')
+    assert [h['iter'] for h in history] == [10]  # step 6 was evaluated before the stop, not again
+    assert tr.load_checkpoint('part/ckpt.pt')['iter_num'] == 10
+    # same data order and schedule position: no step repeated or lost, so the very same weights
+    full, part = final_weights('full'), final_weights('part')
+    assert all(torch.equal(full[k], part[k]) for k in full)
+    log = [json.loads(line) for line in open('part/log.jsonl')]
+    assert [e['iter'] for e in log] == [0, 3, 6, 10]
+
+
+def test_training_lowers_the_loss_and_logs_sisa_diagnostics(workdir):
+    history = run_train('--max_iters=40', '--eval_interval=20', '--learning_rate=1e-2')
+    assert history[-1]['val_loss'] < history[0]['val_loss'] - 0.5
+    layer = history[-1]['layers'][0]
+    assert len(layer['lam']) == 2 and layer['half_life'] > 0 and layer['chunked'] == 0.0
+    assert 0.0 <= history[-1]['needle_acc'] <= 1.0
+
+
+def test_attention_flag_trains_the_softmax_baseline_on_the_same_batches(workdir):
+    data = tr.Data(parse_flags(tr.TrainConfig, TINY, ''))
+    x1, y1 = data.batch('train', 3, torch.device('cpu'))
+    x2, y2 = data.batch('train', 3, torch.device('cpu'))
+    assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
+    assert not torch.equal(x1, data.batch('train', 4, torch.device('cpu'))[0])
+    # every needle window starts at a document's start: a sentence of the grammar
+    openings = tuple(pd.SUBJECTS) + ('the secret number',)
+    assert all(data.decode(row.tolist()).startswith(openings) for row in x1)
+    history = run_train('--max_iters=4', '--eval_interval=4', '--attention=softmax', '--out_dir=soft')
+    assert 'layers' not in history[-1]
+    assert tr.load_checkpoint('soft/ckpt.pt')['model_args']['attention'] == 'softmax'
+
+
+def test_needle_accuracy_is_exact_match_of_the_greedy_answer(workdir):
+    cfg = parse_flags(tr.TrainConfig, TINY, '')
+    data = tr.Data(cfg)
+    model = GPT(tr.model_config(cfg, data.meta['vocab_size'])).eval()
+    prompts = data.needles[:8]
+    ctx = torch.no_grad()
+    # the batched teacher-forced check agrees with decoding each prompt greedily
+    acc = tr.needle_accuracy(model, data, prompts, torch.device('cpu'), ctx)
+    greedy = []
+    for p in prompts:
+        idx = torch.tensor([data.encode(p['prompt'])])
+        out = model.generate(idx, len(p['answer']), temperature=0)
+        greedy.append(data.decode(out[0, idx.size(1):].tolist()) == p['answer'])
+    assert acc == sum(greedy) / len(greedy)
+    # an oracle that always emits the right answer scores 100%
+    class Oracle(torch.nn.Module):
+        def forward(self, x, y):
+            logits = torch.zeros(*x.shape, data.meta['vocab_size'])
+            logits[:, :-1].scatter_(-1, x[:, 1:, None], 1.0)
+            return logits, None
+    assert tr.needle_accuracy(Oracle(), data, prompts, torch.device('cpu'), ctx) == 1.0
+
+
+def test_sample_loads_a_compiled_models_checkpoint_and_decodes(workdir, capsys):
+    run_train('--max_iters=3', '--eval_interval=3')
+    ckpt = tr.load_checkpoint('out/ckpt.pt')
+    ckpt['model'] = {'_orig_mod.' + k: v for k, v in ckpt['model'].items()}  # as torch.compile saves it
+    tr.save_checkpoint('out/ckpt.pt', ckpt)
+    open('prompt.txt', 'w').write('the cat sees a box.')
+    sp.main(['--start=FILE:prompt.txt', '--num_samples=2', '--max_new_tokens=7', '--temperature=0'])
+    out = capsys.readouterr().out.splitlines()
+    samples = [l for l in out if l.startswith('the cat sees a box.')]
+    assert len(samples) == 2 and samples[0] == samples[1] and len(samples[0]) == len('the cat sees a box.') + 7
+    assert not os.path.exists('out/ckpt.pt.tmp')
+
+
+def test_bad_inputs_get_clear_messages(workdir, monkeypatch):
+    def exits(fn, *args):
+        with pytest.raises(SystemExit) as e:
+            fn(*args)
+        return str(e.value.code)
+    assert 'unknown flag --batchsize (did you mean --batch_size?)' in exits(tr.main, ['--batchsize=3'])
+    assert '--max_iters expects an int' in exits(tr.main, ['--max_iters=many'])
+    assert 'python prepare_data.py --dataset=shakespeare_char' in exits(tr.main, ['--dataset=shakespeare_char'])
+    assert 'too few for block_size' in exits(tr.main, TINY + ['--block_size=100000'])
+    assert 'd_state' in exits(tr.main, TINY + ['--d_state=3'])
+    assert 'no checkpoint' in exits(tr.main, TINY + ['--init_from=resume', '--out_dir=nothing'])
+    os.makedirs('broken')
+    open('broken/ckpt.pt', 'wb').write(b'not a checkpoint')
+    assert 'is not a checkpoint' in exits(tr.main, TINY + ['--init_from=resume', '--out_dir=broken'])
+    run_train('--max_iters=2', '--eval_interval=2')
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), 'sample.py'), '--start=THE CAT'],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert "characters not in the vocabulary: 'A', 'C', 'E', 'H', 'T'" in r.stderr
+    def oom(cfg, quiet=False):
+        raise torch.OutOfMemoryError('CUDA out of memory')
+    monkeypatch.setattr(tr, 'train', oom)
+    assert '--batch_size' in exits(tr.main, TINY)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(workdir):
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), 'train.py')] + TINY + \
+          ['--max_iters=100000', '--eval_interval=100000']
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists('out/log.jsonl') and time.time() < deadline:  # step 0 evaluated: training
+        time.sleep(0.2)
+    time.sleep(2.0)
+    p.send_signal(2)  # SIGINT, as Ctrl-C sends
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, out
+    assert out.count('\r') < 5  # output to a pipe or a file: no progress-bar redraws
+    step = tr.load_checkpoint('out/ckpt.pt')['iter_num']
+    assert step > 0 and f'saved step {step}' in out
+    assert not os.path.exists('out/ckpt.pt.tmp')
+    history = run_train(f'--max_iters={step + 2}', '--eval_interval=100000', '--init_from=resume')
+    assert history[-1]['iter'] == step + 2
+
+
+def test_training_goes_on_uncompiled_where_torch_compile_fails(workdir, monkeypatch, capsys):
+    def broken_compile(model):
+        def call(*args, **kwargs):
+            raise RuntimeError('no C++ compiler found')
+        return call
+    monkeypatch.setattr(tr.torch, 'compile', broken_compile)
+    history = run_train('--max_iters=2', '--eval_interval=2', '--compile=True')
+    assert history[-1]['iter'] == 2
+    assert 'warning: torch.compile failed (RuntimeError: no C++ compiler found)' in capsys.readouterr().out
+
+
+def test_lambda_fixed_freezes_lambda_and_nothing_else(workdir):
+    run_train('--max_iters=3', '--eval_interval=3', '--lambda_fixed=True', '--out_dir=fixed')
+    state = final_weights('fixed')
+    init = GPT(tr.model_config(parse_flags(tr.TrainConfig, TINY, ''), 36))
+    lam0 = init.transformer.h[0].attn.lambda_raw
+    assert torch.equal(state['transformer.h.0.attn.lambda_raw'], lam0)
+    assert not torch.equal(state['transformer.h.0.attn.a_bias'], init.transformer.h[0].attn.a_bias)
+
+
+def test_resume_keeps_the_runs_settings_unless_a_flag_overrides_them(workdir):
+    run_train('--max_iters=3', '--eval_interval=3', '--learning_rate=0.02')
+    cfg = parse_flags(tr.TrainConfig, ['--init_from=resume', '--max_iters=5', '--eval_interval=5',
+                                          '--device=cpu', '--sample_tokens=0'], '')
+    history = tr.train(cfg, quiet=True)
+    saved = tr.load_checkpoint('out/ckpt.pt')
+    assert saved['iter_num'] == 5 and [h['iter'] for h in history] == [5]
+    assert saved['config']['learning_rate'] == 0.02 and saved['config']['batch_size'] == 4  # from the run
+    assert saved['config']['eval_interval'] == 5 and saved['config']['max_iters'] == 5      # given now
+
+
+def test_two_processes_under_torchrun_are_the_same_run_as_one(workdir):
+    # gradient_accumulation_steps 2: one process runs both micro-steps, or two processes (gloo) one each.
+    # Same batches, same averaged gradient, only rank 0 evaluates and writes: the same run.
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    flags = TINY + ['--max_iters=4', '--eval_interval=2', '--gradient_accumulation_steps=2']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONFAULTHANDLER='1')  # a rank that crashes shows where
+    launch = {'one': [sys.executable, train_py],
+              'two': [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', train_py]}
+    for out_dir, cmd in launch.items():
+        run = subprocess.run(cmd + flags + [f'--out_dir={out_dir}'], capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-8000:]  # a rank's own error precedes torchrun's
+    logs = {d: [json.loads(line) for line in open(f'{d}/log.jsonl')] for d in launch}
+    assert [h['iter'] for h in logs['one']] == [h['iter'] for h in logs['two']] == [0, 2, 4]  # one writer
+    for a, b in zip(logs['one'], logs['two']):
+        assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
+        assert a['val_loss'] == pytest.approx(b['val_loss'], rel=1e-5)
+    one, two = final_weights('one'), final_weights('two')
+    init = GPT(tr.model_config(parse_flags(tr.TrainConfig, TINY, ''), 36)).state_dict()
+    assert not torch.equal(one['lm_head.weight'], init['lm_head.weight'])  # it trained
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ctrl_c_under_torchrun_stops_every_process_and_the_run_resumes_under_torchrun(workdir):
+    # Ctrl-C reaches the whole process group, as a terminal sends it: every rank finishes its
+    # step, they agree to stop, rank 0 saves once (torchrun itself then exits 1 with its own report)
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', train_py] + TINY + \
+          ['--max_iters=100000', '--eval_interval=5', '--gradient_accumulation_steps=2']
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+    deadline = time.time() + 120
+    # step 5 saved: both ranks have taken steps, so both hold the handler (a signal sent earlier,
+    # before a slow rank installs it, would kill that rank instead, which tests nothing)
+    while not os.path.exists('out/ckpt.pt') and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(p.pid, 2)  # SIGINT to torchrun and both workers
+    out, _ = p.communicate(timeout=120)
+    step = tr.load_checkpoint('out/ckpt.pt')['iter_num']
+    assert step > 0 and out.count('interrupted: saved step') == 1 and f'saved step {step}' in out, out[-3000:]
+    assert not os.path.exists('out/ckpt.pt.tmp')
+    resume = subprocess.run(cmd[:-3] + [f'--max_iters={step + 2}', '--eval_interval=100000', '--init_from=resume',
+                                        '--gradient_accumulation_steps=2'],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert resume.returncode == 0, resume.stdout[-2000:] + resume.stderr[-2000:]
+    assert tr.load_checkpoint('out/ckpt.pt')['iter_num'] == step + 2
+    assert json.loads(open('out/log.jsonl').readlines()[-1])['iter'] == step + 2
+
+
+def test_the_leak_measure_sees_the_papers_offset_and_not_the_exact_one(workdir):
+    # the same weights, made to forget ~2 nats per token (128 over the block, past the clamp's 22)
+    run_train('--max_iters=1', '--eval_interval=1')
+    ckpt = tr.load_checkpoint('out/ckpt.pt')
+    for name, w in ckpt['model'].items():
+        if name.endswith('a_bias'):
+            w.fill_(2.0)
+        if name.endswith('c_ssm.weight'):  # B and C large, w_a: decays that depend on the token
+            o = 2 * ckpt['model_args']['n_head'] * ckpt['model_args']['d_state']
+            w[:o + ckpt['model_args']['n_head']].normal_(std=1.0, generator=torch.Generator().manual_seed(0))
+    for offset in ('exact', 'paper'):
+        ckpt['model_args']['sisa_offset'] = offset
+        os.makedirs(offset, exist_ok=True)
+        tr.save_checkpoint(f'{offset}/ckpt.pt', ckpt)
+    cfg = parse_flags(tr.TrainConfig, TINY, '')
+    data = tr.Data(cfg)
+    exact, paper = cp.leak('exact', data, cfg), cp.leak('paper', data, cfg)
+    assert exact['max_change'] < 1e-5 and exact['flips'] == 0
+    assert paper['max_change'] > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# the command line: one line for every bad value, nothing overwritten unasked
+
+def exit_message(fn, argv):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    return str(e.value.code)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (['--batch_size=0'], '--batch_size must be > 0'), (['--n_head=0'], '--n_head must be > 0'),
+    (['--n_layer=0'], '--n_layer must be > 0'), (['--eval_interval=0'], '--eval_interval must be > 0'),
+    (['--eval_iters=0'], '--eval_iters must be > 0'), (['--block_size=0'], '--block_size must be > 0'),
+    (['--gradient_accumulation_steps=0'], '--gradient_accumulation_steps must be > 0'),
+    (['--max_iters=-5'], '--max_iters must be >= 0'), (['--dropout=1.5'], '--dropout must be in [0, 1)'),
+    (['--device=gpu'], '--device=gpu is not a device'), (['--device=cuda:7'], '--device=cuda:7'),
+    (['--dtype=float8'], "--dtype must be one of"), (['--attention=rnn'], "--attention must be one of"),
+    (['max_iters=100'], 'did you mean --max_iters=100?'), (['-max_iters=100'], 'did you mean --max_iters=100?'),
+    (['--n_layer'], '--n_layer needs a value'),
+])
+def test_every_bad_value_stops_with_one_line_naming_its_flag(workdir, flags, message):
+    got = exit_message(tr.main, TINY + flags)
+    assert message in got and '\n' not in got and 'Traceback' not in got
+
+
+def test_sample_checks_its_values_and_drops_a_prompt_files_last_newline(workdir, monkeypatch):
+    for flag, message in [('--temperature=-1', '--temperature must be >= 0'), ('--top_k=-1', '--top_k must be >= 0'),
+                          ('--max_new_tokens=-4', '--max_new_tokens must be > 0'),
+                          ('--num_samples=0', '--num_samples must be > 0'), ('--dtype=int8', '--dtype must be one of')]:
+        assert message in exit_message(sp.main, [flag])
+    assert parse_flags(sp.SampleConfig, ['--dtype=bf16'], '').dtype == 'bfloat16'
+    run_train('--max_iters=2', '--eval_interval=2')
+    open('prompt.txt', 'w').write('a dog naps. what is it?\n')  # as echo writes it
+    prompts = []
+    monkeypatch.setattr(GPT, 'generate', lambda self, idx, *a, **k: prompts.append(idx[0].tolist()) or idx)
+    sp.main(['--start=FILE:prompt.txt', '--num_samples=1', '--max_new_tokens=2', '--temperature=0'])
+    encode, _ = pd.get_tokenizer(tr.load_checkpoint('out/ckpt.pt')['meta'])
+    assert prompts == [encode('a dog naps. what is it?')]
+
+
+def test_a_bare_boolean_flag_means_true_and_dtype_names_have_their_aliases():
+    cfg = parse_flags(tr.TrainConfig, ['--lambda_fixed', '--dtype=bf16'], '')
+    assert cfg.lambda_fixed is True and cfg.dtype == 'bfloat16'
+    assert parse_flags(tr.TrainConfig, ['--dtype=fp16'], '').dtype == 'float16'
+
+
+def test_help_describes_every_flag_in_aligned_columns(capsys):
+    for fn, cls in ((tr.main, tr.TrainConfig), (sp.main, sp.SampleConfig), (pd.main, pd.PrepareConfig),
+                    (cp.main, cp.CompareConfig), (bench.main, bench.BenchConfig)):
+        exit_message(fn, ['--help'])
+        lines = capsys.readouterr().out.splitlines()
+        columns, described = set(), 0
+        for i, line in enumerate(lines):
+            if line.startswith('  --'):
+                parts = line[2:].split('  ', 1)
+                text = lines[i + 1] if len(parts) == 1 else line  # a long default puts its help on the next line
+                start = len(text) - len(text.lstrip()) if len(parts) == 1 else len(line) - len(parts[1].lstrip())
+                assert text.strip() and (len(parts) == 1 or parts[1].strip()), line
+                columns.add(start)
+                described += 1
+        assert described == len(dataclasses.fields(cls)) and len(columns) == 1, cls.__name__
+
+
+def test_a_new_run_never_replaces_another_and_a_resumed_run_keeps_its_model(workdir, capsys):
+    run_train('--max_iters=2', '--eval_interval=2')
+    saved = open('out/ckpt.pt', 'rb').read()
+    log = open('out/log.jsonl').read()
+    got = exit_message(tr.main, TINY + ['--attention=softmax'])
+    assert '--init_from=resume' in got and '--out_dir' in got and '--overwrite' in got
+    for flag in ('--attention=softmax', '--n_embd=64', '--dataset=other'):
+        got = exit_message(tr.main, TINY + ['--init_from=resume', '--max_iters=4', flag])
+        assert 'differs from the run' in got and flag.split('=')[0] in got, flag
+    tr.main(TINY + ['--init_from=resume', '--max_iters=2'])  # finished: nothing to do, nothing appended
+    assert 'nothing to do' in capsys.readouterr().out
+    assert open('out/ckpt.pt', 'rb').read() == saved and open('out/log.jsonl').read() == log
+    run_train('--max_iters=2', '--eval_interval=2', '--attention=softmax', '--overwrite')
+    assert tr.load_checkpoint('out/ckpt.pt')['model_args']['attention'] == 'softmax'
+
+
+def test_an_out_dir_that_cannot_be_written_stops_before_training(workdir):
+    open('afile', 'w').close()
+    got = exit_message(tr.main, TINY + ['--out_dir=afile/run'])
+    assert got.startswith('error: --out_dir=afile/run cannot be written')
+    open('broken.pt', 'wb').write(os.urandom(1000))
+    os.makedirs('junk')
+    os.replace('broken.pt', 'junk/ckpt.pt')
+    got = exit_message(tr.main, TINY + ['--init_from=resume', '--out_dir=junk'])
+    assert 'is not a checkpoint' in got and 'weights_only' not in got
+
+
+def test_eval_needles_zero_trains_without_needle_evaluation(workdir):
+    history = run_train('--max_iters=2', '--eval_interval=2', '--eval_needles=0')
+    assert [h['iter'] for h in history] == [0, 2] and all('needle_acc' not in h for h in history)
+
+
+def test_compare_in_parallel_processes_gives_the_table_of_one_after_another(workdir, capsys):
+    # every (model, seed) run of compare.py in its own process: the same runs, the same table
+    flags = TINY + ['--seeds=2', '--max_iters=4', '--eval_interval=2']
+    tables = {}
+    for jobs in (1, 2):
+        cp.main(flags + [f'--jobs={jobs}', f'--out_dir=jobs{jobs}'])
+        tables[jobs] = capsys.readouterr().out.split('\n| ', 1)[1]
+        runs = json.load(open(f'jobs{jobs}/compare.json'))['runs']
+        assert sorted(runs) == ['sisa', 'softmax'] and all(len(r) == 2 for r in runs.values())
+    one, two = (json.load(open(f'jobs{j}/compare.json'))['runs'] for j in (1, 2))
+    for m in one:
+        for a, b in zip(one[m], two[m]):
+            assert [h['iter'] for h in a['history']] == [h['iter'] for h in b['history']] == [0, 2, 4]
+            assert [h['val_loss'] for h in a['history']] == pytest.approx([h['val_loss'] for h in b['history']], abs=1e-5)
+            assert a['sweep'].keys() == b['sweep'].keys() and len(a['sweep']) > 0
+    assert 'steps to 50% needle' in tables[1] and 'needle at length 64' in tables[1] and 'leak' in tables[1]
+    assert tables[1].count('\n') == tables[2].count('\n')
+
+
+def test_compare_names_a_model_it_does_not_know(workdir):
+    got = exit_message(cp.main, TINY + ['--models=sisa,rnn'])
+    assert '--models' in got and "'sisa,rnn'" in got and '\n' not in got
+
+
+def test_bench_times_both_models_and_prints_their_ratio(workdir, capsys):
+    results = bench.benchmark(parse_flags(bench.BenchConfig, TINY + ['--iters=5', '--half_life=4'], ''))
+    out = capsys.readouterr().out
+    assert sorted(results) == ['sisa', 'softmax'] and all(r['tok_s'] > 0 for r in results.values())
+    assert abs(results['sisa']['params'] - results['softmax']['params']) <= 3 * 32  # matched to one unit of d_ff
+    ratio = results['sisa']['tok_s'] / results['softmax']['tok_s']
+    assert f'throughput {ratio:.3f}x' in out and 'half-life 4 tokens' in out and 'vocab 36' in out
+
+
+def test_sample_asks_a_needle_model_held_out_questions_and_marks_each_answer(workdir, capsys):
+    run_train('--max_iters=3', '--eval_interval=3')
+    capsys.readouterr()
+    sp.main(['--num_samples=4'])
+    lines = capsys.readouterr().out.splitlines()
+    asked = [l for l in lines if 'what is it? ' in l]
+    assert len(asked) == 4 and lines[-1] == f"--------------- {sum(l.endswith('   right') for l in asked)}/4 right"
+    for line in asked:
+        number = line.split('the secret number is ')[1].split('.')[0]
+        answer = line.split('what is it? ')[1][:2]
+        assert line.endswith('   right') == (answer == number)
+        assert line.endswith('   right') or line.endswith(f'wrong: the number is {number}')
+
+
+def test_sample_starts_a_text_model_at_a_newline_and_keeps_what_it_printed_on_ctrl_c(workdir, monkeypatch, capsys):
+    pd.prepare_text('to be or not to be\nthat is the question\n' * 50, 'text')
+    run_train('--dataset=text', '--block_size=32', '--max_iters=2', '--eval_interval=2', '--eval_needles=0')
+    capsys.readouterr()
+    sp.main(['--num_samples=1', '--max_new_tokens=5', '--temperature=0'])
+    out = capsys.readouterr().out
+    assert out.startswith('\n') and len(out.split('\n---------------')[0]) == 1 + 5
+
+    def interrupted(self, idx, *args, on_token=None, **kw):
+        on_token(idx[:, -1:])  # one token shown, then Ctrl-C
+        raise KeyboardInterrupt
+    monkeypatch.setattr(GPT, 'generate', interrupted)
+    assert 'interrupted' in exit_message(sp.main, ['--start=to be'])
+    assert capsys.readouterr().out == 'to bee'
+
+
+def test_sample_answers_help_without_loading_torch():
+    code = ("import runpy, sys; sys.argv = ['sample.py', '--help']\n"
+            "try:\n    runpy.run_path('sample.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\nprint('torch loaded:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert '--max_new_tokens' in r.stdout and r.stdout.strip().endswith('torch loaded: False')
+
+
+def test_flags_that_only_sisa_has_are_refused_for_the_transformer(workdir):
+    got = exit_message(tr.main, TINY + ['--attention=softmax', '--lambda_fixed', '--d_state=8'])
+    assert '--d_state' in got and '--lambda_fixed' in got and '\n' not in got
+    assert not os.path.exists('out')
+
+
+def test_a_kernel_that_cannot_run_here_is_refused_before_anything_is_built(workdir, monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)  # test_sisa.py sets it for its own kernel tests
+    got = exit_message(tr.main, TINY + ['--kernel=triton'])
+    assert "kernel='triton' cannot run here" in got and '\n' not in got and not os.path.exists('out')
+
+
+def test_ctrl_c_before_training_begins_is_one_line(workdir, monkeypatch):
+    def pressed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tr, 'Data', pressed)
+    assert exit_message(tr.main, TINY) == 'interrupted before training began; nothing was saved'
