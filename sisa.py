@@ -82,8 +82,7 @@ def ssm_inputs(u, a_bias, lambda_raw, d_state):
     b, l, _ = u.shape
     h, d_s = a_bias.numel(), d_state
     B, C, a, theta = u.split([h * d_s, h * d_s, h, h * d_s // 2], dim=-1)
-    B = B.view(b, l, h, d_s).transpose(1, 2)                    # (b, h, l, d_s)
-    C = C.view(b, l, h, d_s).transpose(1, 2)                    # (b, h, l, d_s)
+    B, C = (t.view(b, l, h, d_s).transpose(1, 2) for t in (B, C))  # (b, h, l, d_s)
     theta = theta.view(b, l, h, d_s // 2).transpose(1, 2)      # (b, h, l, d_s/2)
     log_alpha = -F.softplus(a.float().transpose(1, 2) + a_bias[:, None])  # (b, h, l)
     return C, B, log_alpha, theta, F.softplus(lambda_raw)
@@ -387,24 +386,30 @@ class CausalSelfAttention(nn.Module):
             W[o:o + wa].zero_()
             nn.init.normal_(W[o + wa:o + wa + wtheta], std=0.01)
 
+    def project(self, x, start=0):
+        """q, k, v (RoPE at positions start, start + 1, ...) and, for SISA, ssm_inputs: all a score needs."""
+        b, l, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=-1)
+        q, k, v = (t.view(b, l, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (b, h, l, d_h)
+        angles = rope_angles(torch.arange(start, start + l, device=x.device), self.head_dim)
+        q, k = rotate(q, angles).type_as(v), rotate(k, angles).type_as(v)
+        if not self.sisa:
+            return q, k, v, None
+        pad = -self.c_ssm.out_features % 64 if x.is_cuda else 0  # see padded_linear
+        u = padded_linear(x, self.c_ssm, pad_out=pad)                # (b, l, h (2 d_s + 1 + d_s/2))
+        return q, k, v, ssm_inputs(u, self.a_bias, self.lambda_raw, self.d_state)
+
     def forward(self, x, cache=None):
         b, l, d = x.shape
-        h, d_h = self.n_head, self.head_dim
         start = cache['len'] if cache else 0  # position of x's first token
-        q, k, v = self.c_attn(x).split(d, dim=-1)
-        q, k, v = (t.view(b, l, h, d_h).transpose(1, 2) for t in (q, k, v))  # (b, h, l, d_h)
-        angles = rope_angles(torch.arange(start, start + l, device=x.device), d_h)
-        q, k = rotate(q, angles).type_as(v), rotate(k, angles).type_as(v)
-
+        q, k, v, ssm = self.project(x, start)
         if not self.sisa:
             if cache is not None:
                 k, v = self.update_cache(cache, k=k, v=v)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=start == 0)
         else:
-            pad = -self.c_ssm.out_features % 64 if x.is_cuda else 0  # see padded_linear
-            u = padded_linear(x, self.c_ssm, pad_out=pad)              # (b, l, h (2 d_s + 1 + d_s/2))
-            C, B, log_alpha, theta, lam = ssm_inputs(u, self.a_bias, self.lambda_raw, self.d_state)
+            C, B, log_alpha, theta, lam = ssm
             if self.record_stats:
                 self.record(log_alpha, lam, q.dtype)
             if cache is None:
@@ -423,12 +428,9 @@ class CausalSelfAttention(nn.Module):
         return [cache[name] for name in new]
 
     def cached_sisa(self, cache, q, k, v, C, B, log_alpha, theta, lam):
-        """SISA for generation with a cache of keys, values, g and R(Phi) B.
-
-        A cached key cannot carry a sequence-wide offset (the sequence keeps
-        growing), so the cache keeps g_j and R(Phi_j) B_j, and each new step uses
-        its own query's g_i as the offset: exp(g_i - g_j) <= 1 for every past key,
-        always in range. The prompt (empty cache) goes through sisa_attention.
+        """SISA for generation with a cache of keys, values, g and R(Phi) B. A cached key cannot carry
+        a sequence-wide offset (the sequence keeps growing), so each new step uses its own query's g_i:
+        exp(g_i - g_j) <= 1 for every past key, always in range. The prompt goes through sisa_attention.
         """
         if 'len' not in cache:  # prefill
             y = sisa_attention(q, k, v, C, B, log_alpha, theta, lam, kernel=self.kernel)
@@ -535,13 +537,10 @@ class GPT(nn.Module):
         for layer_cache in cache or []:
             layer_cache['len'] = start + l
         x = self.transformer.ln_f(x)
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        else:
-            logits = self.lm_head(x[:, [-1], :])
-            loss = None
-        return logits, loss
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
     def new_cache(self):
         return [{} for _ in range(self.config.n_layer)]

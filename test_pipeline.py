@@ -23,12 +23,13 @@ import torch
 
 import bench
 import compare as cp
+import plot
 import prepare_data as pd
 import sample as sp
 import train as tr
 from configurator import parse_flags
 from prepare_data import DataError
-from sisa import GPT
+from sisa import GPT, GPTConfig
 
 # =============================================================================
 # prepare_data.py
@@ -708,3 +709,63 @@ def test_ctrl_c_before_training_begins_is_one_line(workdir, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(tr, 'Data', pressed)
     assert exit_message(tr.main, TINY) == 'interrupted before training began; nothing was saved'
+
+
+# -----------------------------------------------------------------------------
+# plot.py
+
+@pytest.mark.parametrize("attention, decay", [('sisa', -5.0), ('sisa', 2.0), ('softmax', 0.0)])
+def test_attention_parts_reproduce_each_layers_output(attention, decay):
+    # decay 2.0: about 2.1 nats a token, 130 over the prompt: more than one SDPA call holds
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32, d_state=4,
+                          attention=attention)).eval()
+    for block in model.transformer.h:
+        if block.attn.sisa:
+            block.attn.a_bias.data.fill_(decay)
+            torch.nn.init.normal_(block.attn.c_ssm.weight, std=0.3)  # an importance as large as q.k
+    outputs = []
+    hooks = [b.attn.register_forward_hook(lambda m, args, out: outputs.append(out)) for b in model.transformer.h]
+    idx = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(1))
+    model(idx)
+    for hook in hooks:
+        hook.remove()
+    parts = plot.attention_parts(model, idx)
+    for block, p, out in zip(model.transformer.h, parts, outputs):
+        assert torch.allclose(p['weights'].sum(-1), torch.ones(2, 2, 64), atol=1e-6)
+        assert (p['weights'].triu(1) == 0).all() and (p['importance'].triu(1) == 0).all()
+        y = (p['weights'] @ p['v']).transpose(1, 2).reshape(2, 64, 32)
+        assert torch.allclose(block.attn.c_proj(y), out, atol=1e-5)
+        assert (p['importance'].abs().max() > 0.1) == (attention == 'sisa')
+
+
+def test_plot_draws_the_curves_of_several_runs_and_the_attention_of_the_first(workdir):
+    pytest.importorskip('matplotlib')
+    run_train('--max_iters=4', '--eval_interval=2')
+    run_train('--max_iters=4', '--eval_interval=2', '--attention=softmax', '--out_dir=soft')
+    plot.main(['--out_dirs=out,soft', '--head=1'])
+    for name in ('curves.png', 'attention.png'):
+        assert open(f'out/{name}', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+    fig = plot.plot_curves(['out', 'soft'], 'again.png')
+    loss, needle = fig.axes[:2]
+    assert len(loss.lines) == 4 and len(needle.lines) == 2  # train and val per run; accuracy per run
+    assert list(loss.lines[0].get_xdata()) == [0, 2, 4]
+
+
+def test_a_model_whose_lambda_is_zero_draws_an_empty_importance_panel(workdir):
+    pytest.importorskip('matplotlib')
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16, d_state=4)).eval()
+    for block in model.transformer.h:
+        block.attn.lambda_raw.data.fill_(-1e4)  # softplus: lambda = 0
+    parts = plot.attention_parts(model, torch.randint(0, 20, (1, 16)))
+    fig = plot.plot_attention(parts, list('abcdefghijklmnop'), 0, 'maps.png')
+    panels = {ax.get_title(): ax.images[0].get_array() for ax in fig.axes if ax.images}
+    assert len(panels) == 6 and os.path.exists('maps.png')
+    for title, image in panels.items():
+        assert (abs(image).max() == 0) == ('importance' in title), title
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib now raises ImportError
+    assert exit_message(plot.main, []) == 'error: plot.py draws with matplotlib, an optional extra: pip install matplotlib'

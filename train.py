@@ -378,7 +378,7 @@ def train(cfg, quiet=False):
             rate = tokens_seen / (time.time() - t0)
             mfu = estimate_mfu(raw_model, rate / world, device, dtype)
             bar.set_postfix(loss=f'{loss.item() * micro_steps:.4f}', tok_s=f'{rate:,.0f}',
-                            mfu='n/a' if mfu is None else f'{mfu:.1%}')
+                            mfu='n/a' if mfu is None else f'{mfu:.1%}', refresh=False)
         bar.update(1)
     bar.close()
     ctrl_c.restore()
