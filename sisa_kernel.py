@@ -14,13 +14,13 @@ with C_i = lambda R(Phi_i) C_i and B_j = R(Phi_j) B_j already rotated, g the cum
 log decay (non-increasing) and scale = 1 / sqrt(d_h).
 
 The sequence is cut into blocks of BLOCK (64) tokens.
-- A key in an earlier block than the query (every j < every i): take c = g at the first row
-  i0 of the query's block. Then exp(g_i - c) <= 1 for i >= i0 and exp(c - g_j) <= 1 for j < i0,
-  and exp(g_i - g_j) = exp(g_i - c) exp(c - g_j) is a product of two numbers <= 1: the
-  importance is one more matrix product, [q ; C exp(g - c)] . [k ; B exp(c - g)]. A factor
+- A key in an earlier block than the query (every j < every i): take c0 = g at the first row
+  i0 of the query's block. Then exp(g_i - c0) <= 1 for i >= i0 and exp(c0 - g_j) <= 1 for j < i0,
+  and exp(g_i - g_j) = exp(g_i - c0) exp(c0 - g_j) is a product of two numbers <= 1: the
+  importance is one more matrix product, [q ; C exp(g - c0)] . [k ; B exp(c0 - g)]. A factor
   that underflows to 0 had a true weight below exp(-87): 0 is the right answer in fp32.
 - A key in the query's own block: exp(g_i - g_j) for j <= i, computed pairwise, at most 1.
-- A key block the queries have forgotten: exp(c - g_j) < 2^-126 at its last key, so every factor
+- A key block the queries have forgotten: exp(c0 - g_j) < 2^-126 at its last key, so every factor
   there is 0 in fp32. The kernels find those blocks from g (_forgotten) and skip the importance's
   dots for them: the score is q.k alone. Heads that forget fast (a half-life of a few tokens, as
   trained heads have) remember a few blocks back, and most key tiles of a long block cost q.k only.
@@ -31,12 +31,12 @@ so dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it. The two sums nearly cancel whe
 remember long (each pair (i, j) with t on neither side of it adds to both), so each kernel
 sums its side from the exact rounded products the scores used, and all three kernels take
 the same offset for a pair: then the pairs cancel to fp32 rounding. (Offsets picked per tile,
-different in each kernel, left 16-bit rounding in every pair: a 10x larger error in dL/dlog_alpha.)
+different in each kernel, left 16-bit rounding in every pair: docs/performance.md.)
 
-`sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the
-SDPA form and to an fp64 evaluation of the score (on the CPU under TRITON_INTERPRET=1).
-`channels`, after the attention kernels, gives it g, R(Phi) C and R(Phi) B: sisa.py's
-`ssm_channels` (two scans and a rotation) fused, tested against it in fp64.
+`sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the SDPA form
+and to an fp64 evaluation of the score (on the CPU under TRITON_INTERPRET=1). `channels` gives
+it g, R(Phi) C and R(Phi) B: sisa.py's `ssm_channels` (two scans and a rotation) fused, tested
+against it in fp64. `cumsum` is torch.cumsum as one Triton scan, for the paper-offset path.
 """
 import math
 
@@ -45,16 +45,128 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
+
+def sisa_attention_fused(q, k, v, RC, RB, g, lam):
+    """softmax(q.k / sqrt(d_h) + lambda exp(g_i - g_j) RC_i . RB_j + causal mask) v in one kernel.
+
+    Args:
+        q, k, v: (b, h, l, d_h), RoPE applied; fp32, bf16 or fp16, on CUDA (or on the CPU
+            under TRITON_INTERPRET=1)
+        RC, RB: (b, h, l, d_s), R(Phi) C and R(Phi) B (sisa.ssm_channels)
+        g: (b, h, l), the cumulative log decay
+        lam: (h,), lambda
+    Returns:
+        (b, h, l, d_h)
+    """
+    d_h = q.size(-1)
+    q, k, v = (_pad_to_pow2(t) for t in (q, k, v))
+    RC, RB = (_pad_to_pow2(t.float()).contiguous() for t in (RC, RB))  # fp32: see _launch
+    o, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam.float().contiguous(), 1.0 / math.sqrt(d_h))
+    return o[..., :d_h]
+
+
+def channels(C, B, log_alpha, theta):
+    """sisa.ssm_channels in one fused kernel (and two for its backward pass).
+
+    Args:
+        C, B: (b, h, l, d_s), any strides (views of the SSM projection), any float dtype
+        log_alpha: (b, h, l); theta: (b, h, l, d_s // 2)
+    Returns:
+        g: (b, h, l); RC, RB: (b, h, l, d_s), R(Phi) C and R(Phi) B; all fp32 and contiguous
+    """
+    g, RC, RB, _ = _channels(C, B, log_alpha, theta)  # the fourth, Phi, is kept for the backward pass
+    return g, RC, RB
+
+
+def cumsum(x, dim, reverse=False):
+    """torch.cumsum(x, dim) (reverse: from the end), contiguous, as a Triton scan that reads x in its
+    own layout: theta is a view of the SSM projection, its axis of time not last, where torch.cumsum
+    needs a copy (and a flip each way for the backward pass's reverse scan). One custom op, which
+    torch.compile does not look into: inductor (torch 2.11) failed to generate code for g's cumsum
+    once the whole model step was one graph ("SplitScan")."""
+    return _cumsum_op(x, dim, reverse)
+
+
+# -----------------------------------------------------------------------------
+# The kernels, in the order they appear below.
+#
+# attention, sisa_attention_fused (score_ij above; blocks of BLOCK rows decide each pair's offset)
+#   _forward             o and each row's log-sum-exp: an online softmax over key tiles (_forward_step)
+#   _backward_dq         dq, dL/dRC, the query side of dL/dg and dL/dlambda per query tile (_dq_step)
+#   _backward_dkdv       dk, dv, dL/dRB, dL/dg = query side - key side (_dkdv_step)
+#   shared helpers       _scores: score_ij of a tile; _channel, _decayed, _tf32: C and B tiles as the
+#                        dots read them; _forgotten, _remembered_keys, _remembered_queries: the key
+#                        blocks whose importance is 0 in fp32
+# channels, sisa.ssm_channels
+#   _channels_forward    g = cumsum log_alpha, Phi = cumsum theta, then R(Phi) C and R(Phi) B
+#   _channels_backward   dL/dC, dL/dB through R(Phi)^T, and dL/dPhi
+#   _channels_scan_back  dL/dlog_alpha, dL/dtheta: the two sums from the end
+# cumsum
+#   _cumsum              torch.cumsum along any axis of any strides, either way
+
+
+# -----------------------------------------------------------------------------
+# Launch configuration: the tables, and launch_config, the one place that picks from them.
+
+# The attention kernels on Ampere and newer: tiles, warps and pipeline stages, chosen by timing
+# (docs/performance.md). BLOCK is the length of the blocks that decide each pair's offset: the
+# same in all three kernels, and every tile divides it.
+CONFIG = dict(BLOCK=64, forward=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+              dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+              dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
+# GPUs before Ampere (compute capability 7.x: Volta, Turing, as in a T4) have less shared memory a
+# block than CONFIG's tiles need, and no asynchronous copies to pipeline. The tests compile these
+# for sm_75.
+SMALL = dict(BLOCK=64, forward=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+             dkdv=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+             dq=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1))
+# Wider C and B tiles (d_state 32 and 64, fp32: see _launch) fill registers and shared memory
+# sooner, so fewer stages run faster (docs/performance.md). CONFIG's stages by d_state padded to a
+# power of two (wider than 64 takes 64's); the tiles stay CONFIG's.
+WIDE = {32: dict(dkdv=dict(num_stages=1)),
+        64: dict(forward=dict(num_stages=2), dq=dict(num_stages=2), dkdv=dict(num_stages=1))}
+# Under Triton's interpreter (the CPU tests, at about 70 tokens): small tiles of different sizes,
+# so that a short sequence crosses blocks and tiles.
+INTERPRETED = dict(BLOCK=32, forward=dict(BLOCK_M=16, BLOCK_N=32), dkdv=dict(BLOCK_M=32, BLOCK_N=16),
+                   dq=dict(BLOCK_M=32, BLOCK_N=16))
+# The scans on CUDA: rows per program (CHUNK) and rows per load of the loop that sums the chunks
+# before (CARRY), chosen by timing each kernel alone (docs/performance.md). Under the interpreter
+# SCANS_INTERPRETED's, small so that the tests cross chunks and carry loads.
+SCANS = dict(channels_forward=dict(CHUNK=128, CARRY=512), channels_backward=dict(CHUNK=64),
+             channels_scan_back=dict(CHUNK=256, CARRY=512), cumsum=dict(CHUNK=256))
+SCANS_INTERPRETED = dict(CHUNK=16, CARRY=8)
+
+
+def launch_config(kernel, device, d_state=None):
+    """The meta-parameters of `kernel` on `device`. An attention kernel ('forward', 'dq', 'dkdv')
+    gets BLOCK, its tiles, warps and stages for C and B tiles d_state wide; a scan (a key of SCANS)
+    its CHUNK and CARRY. The tables are read at each call, so that tests can swap them."""
+    on_cuda = torch.device(device).type == 'cuda'
+    if kernel in SCANS:
+        return dict(SCANS[kernel]) if on_cuda else {name: SCANS_INTERPRETED[name] for name in SCANS[kernel]}
+    if not on_cuda:
+        config = INTERPRETED
+    else:
+        config = CONFIG if torch.cuda.get_device_capability(device) >= (8, 0) else SMALL
+    wide = WIDE.get(min(d_state, 64), {}).get(kernel, {}) if config is CONFIG else {}
+    meta = dict(config[kernel], **wide, BLOCK=config['BLOCK'])
+    assert all(meta['BLOCK'] % meta[tile] == 0 for tile in ('BLOCK_M', 'BLOCK_N')), 'tiles must divide BLOCK'
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# Attention: helpers shared by the three kernels
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): exp2 is the hardware instruction
 FORGOTTEN = tl.constexpr(-126.0)  # log2 of fp32's smallest normal number
 
 
 @triton.jit
-def _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr,
+def _scores(q, k, c_tile, b_tile, g_q, g_k, scale, i, j, L, DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr,
             PRECISION: tl.constexpr):
     """score_ij in log2 units for a (rows, cols) tile, -inf where masked.
 
-    Off the diagonal, c and b arrive already multiplied by exp(g_i - c0) / scale and
+    Off the diagonal, c_tile and b_tile arrive already multiplied by exp(g_i - c0) / scale and
     exp(c0 - g_j) (both factors <= 1), so the importance shares q.k's accumulator.
     Without IMPORTANCE (a forgotten key block, see _remembered_keys) the score is q.k alone."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -62,25 +174,25 @@ def _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL: tl.constexpr, IMPORT
         s = s * (scale * LOG2E)
     elif DIAGONAL:
         decay = tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
-        imp = tl.dot(c, tl.trans(b), input_precision=PRECISION) * decay
+        imp = tl.dot(c_tile, tl.trans(b_tile), input_precision=PRECISION) * decay
         s = (s * scale + imp) * LOG2E
         keep = (j[None, :] <= i[:, None]) & (j[None, :] < L) & (i[:, None] < L)
         s = tl.where(keep, s, float('-inf'))
     else:  # every key is before every query and inside the sequence: nothing to mask
-        s = tl.dot(c, tl.trans(b), s, input_precision=PRECISION) * (scale * LOG2E)
+        s = tl.dot(c_tile, tl.trans(b_tile), s, input_precision=PRECISION) * (scale * LOG2E)
     return s
 
 
 @triton.jit
-def _rows(X, rows, L, s_row, D: tl.constexpr):
+def _rows(X, rows, L, stride_row, D: tl.constexpr):
     """Load rows of a (l, D) slab (zeros past L)."""
-    return tl.load(X + rows[:, None] * s_row + tl.arange(0, D)[None, :], mask=rows[:, None] < L, other=0.0)
+    return tl.load(X + rows[:, None] * stride_row + tl.arange(0, D)[None, :], mask=rows[:, None] < L, other=0.0)
 
 
 @triton.jit
 def _channel(X, rows, L, factor, DS: tl.constexpr, PRECISION: tl.constexpr):
     """Rows of R(Phi) C or R(Phi) B times factor (lambda for C, 1 for B), rounded as the dots read them."""
-    return _tf32(_rows(X, rows, L, DS, DS) * factor, PRECISION)
+    return _tf32(_rows(X, rows, L, DS, DS) * factor, PRECISION=PRECISION)
 
 
 @triton.jit
@@ -93,9 +205,10 @@ def _tf32(x, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _decayed(x, g, c0, post, PRECISION: tl.constexpr):
-    """x * exp(g - c0) * post, rows of x scaled, the exponent capped at 0 (it is <= 0 where used)."""
-    return _tf32(x * (tl.exp2(tl.minimum(g - c0, 0.0) * LOG2E) * post)[:, None], PRECISION)
+def _decayed(x, g_late, g_early, post, PRECISION: tl.constexpr):
+    """x * exp(g_late - g_early) * post, rows of x scaled: the decay from an earlier row to a later
+    one, at most 1 (the exponent is capped at 0)."""
+    return _tf32(x * (tl.exp2(tl.minimum(g_late - g_early, 0.0) * LOG2E) * post)[:, None], PRECISION=PRECISION)
 
 
 @triton.jit
@@ -109,42 +222,43 @@ def _forgotten(c0, g_end):
 
 
 @triton.jit
-def _remembered_keys(G, b0, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
-    """The first key row after the key blocks that the queries of the block starting at b0 have
-    forgotten: a multiple of BLOCK, at most b0. Heads that forget fast remember a few blocks back."""
+def _remembered_keys(G, block_start, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+    """The first key row after the key blocks that the queries of the block starting at block_start have
+    forgotten: a multiple of BLOCK, at most block_start. Heads that forget fast remember a few blocks back."""
     kb = tl.arange(0, BLOCKS)
-    earlier = kb * BLOCK < b0
+    earlier = kb * BLOCK < block_start
     g_end = tl.load(G + kb * BLOCK + BLOCK - 1, mask=earlier, other=0.0)
-    remembered = earlier & ~_forgotten(tl.load(G + b0), g_end)
-    return tl.min(tl.where(remembered, kb, b0 // BLOCK)) * BLOCK
+    remembered = earlier & ~_forgotten(tl.load(G + block_start), g_end)
+    return tl.min(tl.where(remembered, kb, block_start // BLOCK)) * BLOCK
 
 
 @triton.jit
-def _remembered_queries(G, b1, L, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
-    """The end of the query blocks after b1 that remember the key block ending at b1: a multiple of
-    BLOCK, at least b1. The same pairs of blocks as _remembered_keys, seen from the keys."""
+def _remembered_queries(G, block_end, L, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+    """The end of the query blocks after block_end that remember the key block ending there: a multiple
+    of BLOCK, at least block_end. The same pairs of blocks as _remembered_keys, seen from the keys."""
     qb = tl.arange(0, BLOCKS)
-    later = (qb * BLOCK >= b1) & (qb * BLOCK < L)
+    later = (qb * BLOCK >= block_end) & (qb * BLOCK < L)
     c0 = tl.load(G + qb * BLOCK, mask=later, other=0.0)
-    remembered = later & ~_forgotten(c0, tl.load(G + tl.minimum(b1, L) - 1))
-    return tl.max(tl.where(remembered, qb + 1, b1 // BLOCK)) * BLOCK
+    remembered = later & ~_forgotten(c0, tl.load(G + tl.minimum(block_end, L) - 1))
+    return tl.max(tl.where(remembered, qb + 1, block_end // BLOCK)) * BLOCK
 
 
 # -----------------------------------------------------------------------------
 # forward: one program per (query tile, batch x head); online softmax over key tiles
 
 @triton.jit
-def _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+def _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale, i, n0, L,
                   DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
                   IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr):
     j = n0 + tl.arange(0, BLOCK_N)
-    k, v = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH)
-    b, g_k = k, g_q  # unused without the importance
+    k, v = _rows(K, j, L, stride_kl, DH), _rows(V, j, L, stride_vl, DH)
+    b_tile, g_k = k, g_q  # unused without the importance
     if IMPORTANCE:
-        b, g_k = _channel(B, j, L, 1.0, DS, PRECISION), tl.load(G + j, mask=j < L, other=0.0)
+        b_tile, g_k = _channel(B, j, L, 1.0, DS, PRECISION=PRECISION), tl.load(G + j, mask=j < L, other=0.0)
         if not DIAGONAL:
-            b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
-    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, IMPORTANCE, PRECISION)
+            b_tile = _decayed(b_tile, c0, g_k, 1.0, PRECISION=PRECISION)  # exp(c0 - g_j) <= 1
+    s = _scores(q, k, c_tile, b_tile, g_q, g_k, scale, i, j, L, DIAGONAL=DIAGONAL, IMPORTANCE=IMPORTANCE,
+                PRECISION=PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows past L see only -inf
     p = tl.exp2(s - m_safe[:, None])
@@ -155,7 +269,8 @@ def _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, 
 
 
 @triton.jit
-def _forward(Q, K, V, C, B, G, LAM, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, H, L, scale,
+def _forward(Q, K, V, C, B, G, LAM, O, LSE, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+             stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol, H, L, scale,
              DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
     """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous; C is R(Phi) C, lambda applied here.
@@ -164,32 +279,36 @@ def _forward(Q, K, V, C, B, G, LAM, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, s
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
-    Q, K, V, O = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh, O + z * sob + h * soh
+    Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
+    O = O + z * stride_ob + h * stride_oh
     C, B, G, LSE = C + bh * L * DS, B + bh * L * DS, G + bh * L, LSE + bh * L
-    n1 = _remembered_keys(G, m0 - m0 % BLOCK, BLOCK, BLOCKS)
+    block_start = m0 - m0 % BLOCK          # the first row of the queries' block
+    n1 = _remembered_keys(G, block_start, BLOCK, BLOCKS)
     i = m0 + tl.arange(0, BLOCK_M)
-    q, c = _rows(Q, i, L, sql, DH), _channel(C, i, L, tl.load(LAM + h), DS, PRECISION)
+    q, c_tile = _rows(Q, i, L, stride_ql, DH), _channel(C, i, L, tl.load(LAM + h), DS, PRECISION=PRECISION)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
-    b0 = m0 - m0 % BLOCK                   # the first row of the queries' block
-    c0 = tl.load(G + b0)                   # the offset for every key before that block
-    c_off = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1; 1 / scale: shares q.k's accumulator
+    c0 = tl.load(G + block_start)          # the offset for every key before that block
+    # exp(g_i - c0) <= 1; 1 / scale: the importance shares q.k's accumulator
+    c_off = _decayed(c_tile, g_q, c0, 1 / scale, PRECISION=PRECISION)
 
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, DH], tl.float32)
-    for n0 in range(b0, m0 + BLOCK_M, BLOCK_N):          # key tiles in the queries' block (pairwise)
-        acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                                      DH, DS, BLOCK_N, True, True, PRECISION)
-    for n0 in range(n1, b0, BLOCK_N):                    # key tiles in earlier blocks
-        acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                                      DH, DS, BLOCK_N, False, True, PRECISION)
+    for n0 in range(block_start, m0 + BLOCK_M, BLOCK_N):  # key tiles in the queries' block (pairwise)
+        acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
+                                      i, n0, L, DH, DS, BLOCK_N, DIAGONAL=True, IMPORTANCE=True, PRECISION=PRECISION)
+    for n0 in range(n1, block_start, BLOCK_N):           # key tiles in earlier blocks
+        acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
+                                      i, n0, L, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=True, PRECISION=PRECISION)
     if n1 > 0:  # (the branch spares the loop's setup where nothing is forgotten, as at init)
         for n0 in range(0, n1, BLOCK_N):                 # key tiles in forgotten blocks: q.k alone
-            acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                                          DH, DS, BLOCK_N, False, False, PRECISION)
+            acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, stride_kl, stride_vl, g_q, c0,
+                                          scale, i, n0, L, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=False,
+                                          PRECISION=PRECISION)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     d = tl.arange(0, DH)
-    tl.store(O + i[:, None] * sol + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=i[:, None] < L)
+    tl.store(O + i[:, None] * stride_ol + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+             mask=i[:, None] < L)
     tl.store(LSE + i, m_i + tl.log2(l_i), mask=i < L)  # log2-sum-exp2 of the row's scores
 
 
@@ -199,17 +318,18 @@ def _forward(Q, K, V, C, B, G, LAM, O, LSE, sqb, sqh, sql, skb, skh, skl, svb, s
 # kernel also writes delta_i = o_i . do_i, which the second reads.
 
 @triton.jit
-def _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
+def _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale, i, n0, L,
              DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
              IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr):
     j = n0 + tl.arange(0, BLOCK_N)
-    k, v = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH)
-    b, g_k = k, g_q  # unused without the importance
+    k, v = _rows(K, j, L, stride_kl, DH), _rows(V, j, L, stride_vl, DH)
+    b_tile, g_k = k, g_q  # unused without the importance
     if IMPORTANCE:
-        b, g_k = _channel(B, j, L, 1.0, DS, PRECISION), tl.load(G + j, mask=j < L, other=0.0)
+        b_tile, g_k = _channel(B, j, L, 1.0, DS, PRECISION=PRECISION), tl.load(G + j, mask=j < L, other=0.0)
         if not DIAGONAL:
-            b = _decayed(b, c0, g_k, 1.0, PRECISION)  # exp(c0 - g_j) <= 1
-    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, IMPORTANCE, PRECISION)
+            b_tile = _decayed(b_tile, c0, g_k, 1.0, PRECISION=PRECISION)  # exp(c0 - g_j) <= 1
+    s = _scores(q, k, c_tile, b_tile, g_q, g_k, scale, i, j, L, DIAGONAL=DIAGONAL, IMPORTANCE=IMPORTANCE,
+                PRECISION=PRECISION)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -217,77 +337,80 @@ def _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale,
     if IMPORTANCE:
         if DIAGONAL:
             ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
-        dc += tl.dot(ds.to(b.dtype), b, input_precision=PRECISION)
+        dc += tl.dot(ds.to(b_tile.dtype), b_tile, input_precision=PRECISION)
     return dq, dc
 
 
 @triton.jit
-def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, sqb, sqh, sql, skb, skh, skl,
-                 svb, svh, svl, sdb, sdh, sdl, sob, soh, sol, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
+def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, stride_qb, stride_qh, stride_ql,
+                 stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_dob, stride_doh, stride_dol,
+                 stride_ob, stride_oh, stride_ol, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N. DO and DQ share strides sd*.
+    """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N. DO and DQ share the strides stride_do*.
     The offset for keys in earlier blocks is g at the queries' block's first row, as in _forward.
     Writes dL/dR(Phi)C (lambda applied) and this tile's share of dL/dlambda, sum R(Phi)C . dC."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
-    Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
-    O, DO, DQ = O + z * sob + h * soh, DO + z * sdb + h * sdh, DQ + z * sdb + h * sdh
+    Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
+    O = O + z * stride_ob + h * stride_oh
+    DO, DQ = DO + z * stride_dob + h * stride_doh, DQ + z * stride_dob + h * stride_doh
     C, B, DC, G = C + bh * L * DS, B + bh * L * DS, DC + bh * L * DS, G + bh * L
     LSE, DELTA, DGQ = LSE + bh * L, DELTA + bh * L, DGQ + bh * L
-    n1 = _remembered_keys(G, m0 - m0 % BLOCK, BLOCK, BLOCKS)
+    block_start = m0 - m0 % BLOCK
+    n1 = _remembered_keys(G, block_start, BLOCK, BLOCKS)
     i = m0 + tl.arange(0, BLOCK_M)
     lam = tl.load(LAM + h)
-    q, do, rc = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH), _rows(C, i, L, DS, DS)
-    c = _tf32(rc * lam, PRECISION)
-    delta = tl.sum(_rows(O, i, L, sol, DH).to(tl.float32) * do.to(tl.float32), 1)  # sum_j P_ij dP_ij = o_i . do_i
+    q, do, rc = _rows(Q, i, L, stride_ql, DH), _rows(DO, i, L, stride_dol, DH), _rows(C, i, L, DS, DS)
+    c_tile = _tf32(rc * lam, PRECISION=PRECISION)
+    delta = tl.sum(_rows(O, i, L, stride_ol, DH).to(tl.float32) * do.to(tl.float32), 1)  # sum_j P_ij dP_ij = o_i . do_i
     tl.store(DELTA + i, delta, mask=i < L)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
-    b0 = m0 - m0 % BLOCK
-    c0 = tl.load(G + b0)
+    c0 = tl.load(G + block_start)
     dq = tl.zeros([BLOCK_M, DH], tl.float32)
     dc = tl.zeros([BLOCK_M, DS], tl.float32)
-    if n1 > 0:  # first: after the loops below, ptxas serialized every wgmma of the kernel (its warning C7515)
+    if n1 > 0:  # first: placed after the loops below, it slowed the whole kernel (docs/performance.md)
         for n0 in range(0, n1, BLOCK_N):            # key tiles in forgotten blocks: q.k alone
-            dq, dc = _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                              DH, DS, BLOCK_N, False, False, PRECISION)
-    for n0 in range(b0, m0 + BLOCK_M, BLOCK_N):     # key tiles in the queries' block (pairwise)
-        dq, dc = _dq_step(dq, dc, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                          DH, DS, BLOCK_N, True, True, PRECISION)
-    dg = tl.sum(c * dc, 1)          # sum_j dS_ij W_ij, from the very products the scores used
-    c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1, as in _forward
+            dq, dc = _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
+                              i, n0, L, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=False, PRECISION=PRECISION)
+    for n0 in range(block_start, m0 + BLOCK_M, BLOCK_N):  # key tiles in the queries' block (pairwise)
+        dq, dc = _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
+                          i, n0, L, DH, DS, BLOCK_N, DIAGONAL=True, IMPORTANCE=True, PRECISION=PRECISION)
+    dg = tl.sum(c_tile * dc, 1)     # sum_j dS_ij W_ij, from the very products the scores used
+    c_off = _decayed(c_tile, g_q, c0, 1 / scale, PRECISION=PRECISION)  # exp(g_i - c0) <= 1, as in _forward
     dc_off = tl.zeros([BLOCK_M, DS], tl.float32)
-    for n0 in range(n1, b0, BLOCK_N):               # key tiles in earlier blocks
-        dq, dc_off = _dq_step(dq, dc_off, q, do, c, lse, delta, K, V, B, G, skl, svl, g_q, c0, scale, i, n0, L,
-                              DH, DS, BLOCK_N, False, True, PRECISION)
-    dg += tl.sum(c * dc_off, 1) * scale
-    dc += dc_off * tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)[:, None]  # the factor c carried (b's is in dc_off)
+    for n0 in range(n1, block_start, BLOCK_N):      # key tiles in earlier blocks
+        dq, dc_off = _dq_step(dq, dc_off, q, do, c_off, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
+                              i, n0, L, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=True, PRECISION=PRECISION)
+    dg += tl.sum(c_off * dc_off, 1) * scale
+    dc += dc_off * tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)[:, None]  # c_off's factor (b_tile's is in dc_off)
     e = tl.arange(0, DS)
     tl.store(DC + i[:, None] * DS + e[None, :], (dc * lam).to(DC.dtype.element_ty), mask=i[:, None] < L)
     tl.store(DGQ + i, dg, mask=i < L)
     tl.store(DLAM + bh * tl.num_programs(0) + m0 // BLOCK_M, tl.sum(rc * dc))  # rows past L are 0 in rc
     d = tl.arange(0, DH)
-    tl.store(DQ + i[:, None] * sdl + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
+    tl.store(DQ + i[:, None] * stride_dol + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
 
 
 @triton.jit
-def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale, j, m0, L,
-               DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol, lam, g_k, scale, j, m0,
+               L, DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr):
     i = m0 + tl.arange(0, BLOCK_M)
-    q, do = _rows(Q, i, L, sql, DH), _rows(DO, i, L, sdl, DH)
+    q, do = _rows(Q, i, L, stride_ql, DH), _rows(DO, i, L, stride_dol, DH)
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
     delta = tl.load(DELTA + i, mask=i < L, other=0.0)
-    c, g_q, c0 = q, g_k, 0.0  # unused without the importance
+    c_tile, g_q, c0 = q, g_k, 0.0  # unused without the importance
     if IMPORTANCE:
-        c, g_q = _channel(C, i, L, lam, DS, PRECISION), tl.load(G + i, mask=i < L, other=float('-inf'))
+        c_tile, g_q = _channel(C, i, L, lam, DS, PRECISION=PRECISION), tl.load(G + i, mask=i < L, other=float('-inf'))
         if not DIAGONAL:  # the offset _forward took for these queries: g at the start of their block
             c0 = tl.load(G + m0 - m0 % BLOCK)
-            c = _decayed(c, g_q, c0, 1 / scale, PRECISION)  # exp(g_i - c0) <= 1
-            b = _decayed(b, c0, g_k, 1.0, PRECISION)        # exp(c0 - g_j) <= 1
-    s = _scores(q, k, c, b, g_q, g_k, scale, i, j, L, DIAGONAL, IMPORTANCE, PRECISION)
+            c_tile = _decayed(c_tile, g_q, c0, 1 / scale, PRECISION=PRECISION)  # exp(g_i - c0) <= 1
+            b_tile = _decayed(b_tile, c0, g_k, 1.0, PRECISION=PRECISION)        # exp(c0 - g_j) <= 1
+    s = _scores(q, k, c_tile, b_tile, g_q, g_k, scale, i, j, L, DIAGONAL=DIAGONAL, IMPORTANCE=IMPORTANCE,
+                PRECISION=PRECISION)
     p = tl.exp2(s - lse[:, None])                                  # (queries, keys)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -296,94 +419,78 @@ def _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, 
     if IMPORTANCE:
         if DIAGONAL:
             ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
-            db_step = tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION)
+            db_step = tl.dot(tl.trans(ds.to(c_tile.dtype)), c_tile, input_precision=PRECISION)
             db += db_step
         else:
-            db_step = tl.dot(tl.trans(ds.to(c.dtype)), c, input_precision=PRECISION) * scale
+            db_step = tl.dot(tl.trans(ds.to(c_tile.dtype)), c_tile, input_precision=PRECISION) * scale
             db += db_step * tl.exp2(tl.minimum(c0 - g_k, 0.0) * LOG2E)[:, None]
-        dg += tl.sum(b * db_step, 1)  # sum_i dS_ij W_ij, from the very products the scores used
+        dg += tl.sum(b_tile * db_step, 1)  # sum_i dS_ij W_ij, from the very products the scores used
     return dk, dv, db, dg
 
 
 @triton.jit
-def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, sqb, sqh, sql, skb, skh, skl,
-                   svb, svh, svl, sdb, sdh, sdl, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
+def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, stride_qb, stride_qh, stride_ql,
+                   stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_dob, stride_doh,
+                   stride_dol, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """BLOCK_N keys of one (batch, head), walking query tiles of BLOCK_M. DO, DK, DV share strides sd*.
+    """BLOCK_N keys of one (batch, head), walking query tiles of BLOCK_M. DO, DK, DV share the strides stride_do*.
     Queries in the keys' block pair with them pairwise; query tiles in later blocks take the
     offset _forward took for them (g at their block's first row). Runs after _backward_dq,
     whose delta it reads and whose query-side sum for dL/dg it completes."""
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
-    Q, K, V = Q + z * sqb + h * sqh, K + z * skb + h * skh, V + z * svb + h * svh
-    DO, DK, DV = DO + z * sdb + h * sdh, DK + z * sdb + h * sdh, DV + z * sdb + h * sdh
+    Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
+    DO, DK, DV = DO + z * stride_dob + h * stride_doh, DK + z * stride_dob + h * stride_doh, \
+        DV + z * stride_dob + h * stride_doh
     C, B, DB, G = C + bh * L * DS, B + bh * L * DS, DB + bh * L * DS, G + bh * L
     LSE, DELTA, DGQ, DG = LSE + bh * L, DELTA + bh * L, DGQ + bh * L, DG + bh * L
-    b1 = n0 - n0 % BLOCK + BLOCK                    # the end of the keys' block
-    m1 = tl.minimum(_remembered_queries(G, b1, L, BLOCK, BLOCKS), L)
+    block_end = n0 - n0 % BLOCK + BLOCK             # the end of the keys' block
+    m1 = tl.minimum(_remembered_queries(G, block_end, L, BLOCK, BLOCKS), L)
     j = n0 + tl.arange(0, BLOCK_N)
     lam = tl.load(LAM + h)
-    k, v, b = _rows(K, j, L, skl, DH), _rows(V, j, L, svl, DH), _channel(B, j, L, 1.0, DS, PRECISION)
+    k, v = _rows(K, j, L, stride_kl, DH), _rows(V, j, L, stride_vl, DH)
+    b_tile = _channel(B, j, L, 1.0, DS, PRECISION=PRECISION)
     g_k = tl.load(G + j, mask=j < L, other=0.0)
     dk = tl.zeros([BLOCK_N, DH], tl.float32)
     dv = tl.zeros([BLOCK_N, DH], tl.float32)
     db = tl.zeros([BLOCK_N, DS], tl.float32)
     dg = tl.zeros([BLOCK_N], tl.float32)
-    for m0 in range(n0 - n0 % BLOCK_M, b1, BLOCK_M):  # query tiles in the keys' block (pairwise)
-        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale,
-                                    j, m0, L, DH, DS, BLOCK, BLOCK_M, True, True, PRECISION)
-    for m0 in range(b1, m1, BLOCK_M):               # query tiles in later blocks
-        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl, lam, g_k, scale,
-                                    j, m0, L, DH, DS, BLOCK, BLOCK_M, False, True, PRECISION)
+    for m0 in range(n0 - n0 % BLOCK_M, block_end, BLOCK_M):  # query tiles in the keys' block (pairwise)
+        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol,
+                                    lam, g_k, scale, j, m0, L, DH, DS, BLOCK, BLOCK_M,
+                                    DIAGONAL=True, IMPORTANCE=True, PRECISION=PRECISION)
+    for m0 in range(block_end, m1, BLOCK_M):        # query tiles in later blocks
+        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol,
+                                    lam, g_k, scale, j, m0, L, DH, DS, BLOCK, BLOCK_M,
+                                    DIAGONAL=False, IMPORTANCE=True, PRECISION=PRECISION)
     e = tl.arange(0, DS)
     tl.store(DB + j[:, None] * DS + e[None, :], db.to(DB.dtype.element_ty), mask=j[:, None] < L)
     # dL/dg_j = sum_i dS_ji W_ji - sum_i dS_ij W_ij: the query side from _backward_dq, the key side here
     tl.store(DG + j, tl.load(DGQ + j, mask=j < L, other=0.0) - dg, mask=j < L)
     if m1 < L:  # query tiles in later blocks that forgot these keys: q.k alone, into accumulators of their
-        # own (carrying dk, dv into this loop, before or after the others, made ptxas serialize every wgmma)
+        # own (carrying dk, dv through this loop slowed the whole kernel: docs/performance.md)
         dk_far, dv_far = tl.zeros([BLOCK_N, DH], tl.float32), tl.zeros([BLOCK_N, DH], tl.float32)
         for m0 in range(m1, L, BLOCK_M):
-            dk_far, dv_far, db, dg = _dkdv_step(dk_far, dv_far, db, dg, k, v, b, Q, DO, C, G, LSE, DELTA, sql, sdl,
-                                                lam, g_k, scale, j, m0, L, DH, DS, BLOCK, BLOCK_M, False, False,
-                                                PRECISION)
+            dk_far, dv_far, db, dg = _dkdv_step(dk_far, dv_far, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA,
+                                                stride_ql, stride_dol, lam, g_k, scale, j, m0, L, DH, DS, BLOCK,
+                                                BLOCK_M, DIAGONAL=False, IMPORTANCE=False, PRECISION=PRECISION)
         dk, dv = dk + dk_far, dv + dv_far
     d = tl.arange(0, DH)
-    tl.store(DK + j[:, None] * sdl + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
-    tl.store(DV + j[:, None] * sdl + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
+    tl.store(DK + j[:, None] * stride_dol + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
+    tl.store(DV + j[:, None] * stride_dol + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
 
 
 # -----------------------------------------------------------------------------
-# The op: forward and backward registered with torch.library, so torch.compile sees one
-# opaque call (no graph break) and autograd knows its gradient.
+# The attention op: forward and backward registered with torch.library, so torch.compile sees
+# one opaque call (no graph break) and autograd knows its gradient.
 
-# Tile shapes, warps and pipeline stages per kernel, measured on one H100 (README: Performance).
-# BLOCK is the length of the blocks that decide each pair's offset: the same in all three kernels,
-# and every tile divides it. Under Triton's interpreter (the CPU tests, at about 70 tokens) the
-# tiles are small and of different sizes, so that a short sequence crosses blocks and tiles.
-CONFIG = dict(BLOCK=64, forward=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-              dkdv=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-              dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
-INTERPRETED = dict(BLOCK=32, forward=dict(BLOCK_M=16, BLOCK_N=32), dkdv=dict(BLOCK_M=32, BLOCK_N=16),
-                   dq=dict(BLOCK_M=32, BLOCK_N=16))
-# GPUs before Ampere (compute capability 7.x: Volta, Turing, as in a T4) have 64 to 96 kB of shared
-# memory a block and no asynchronous copies to pipeline. CONFIG's tiles need up to 96 kB there (Triton
-# compiling for sm_75, on the CPU), tiles of 32 at most 48 kB: the tests compile them for sm_75.
-SMALL = dict(BLOCK=64, forward=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
-             dkdv=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
-             dq=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1))
-# Wider C and B tiles (d_state 32 and 64; fp32, see _launch) fill registers and shared memory sooner,
-# and there fewer pipeline stages measured faster on one H200 (README: Performance). The stages on
-# Ampere and newer by d_state padded to a power of two (wider than 64 takes 64's); the tiles stay CONFIG's.
-WIDE = {32: dict(dkdv=dict(num_stages=1)),
-        64: dict(forward=dict(num_stages=2), dq=dict(num_stages=2), dkdv=dict(num_stages=1))}
-
-
-def _config(t):
-    if not t.is_cuda:
-        return INTERPRETED
-    return CONFIG if torch.cuda.get_device_capability(t.device) >= (8, 0) else SMALL
+def _pad_to_pow2(x, least=16):
+    """Zero columns up to a power of two >= 16 (what tl.arange and tl.dot need): they add nothing to any dot."""
+    n = x.size(-1)
+    width = max(least, triton.next_power_of_2(n))
+    return x if width == n else F.pad(x, (0, width - n))
 
 
 def _bhl(t):  # (batch, head, row) strides of a (b, h, l, d) tensor
@@ -396,24 +503,23 @@ def _empty_bhld(like):  # (b, h, l, d) laid out as (b, l, h, d): the model resha
     return torch.empty(b, l, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _launch(kernel, name, tiles, q, C, scale, *args):
-    """kernel[grid](*args) with the device's config for `name`; a program per tile of `tiles` rows, per batch x head.
+def _launch(kernel, name, rows, q, RC, scale, *args):
+    """kernel[grid](*args) with launch_config(name): a program per tile of `rows` ('BLOCK_M' or 'BLOCK_N')
+    rows, per batch x head.
 
     C and B stay fp32 whatever q's dtype, and their dots (the importance in every score, dC, dB)
     run in tf32 beside q.k's bf16 or fp16: lambda C.B can be several times q.k / sqrt(d_h), and
-    bf16 operands (a relative rounding of 2^-8, tf32's is 2^-11) left errors 2 to 5x larger in the
-    output and in the gradients of lambda, log_alpha and theta, sums that nearly cancel (README:
-    Exactness). The kernels round every tile of them to tf32 as they load it (_channel, _decayed),
-    so that their sums for dL/dg see exactly what the dots saw."""
+    bf16 operands (a relative rounding of 2^-8, tf32's is 2^-11) left larger errors in the output
+    and in the gradients of lambda, log_alpha and theta, sums that nearly cancel (docs/performance.md).
+    The kernels round every tile of them to tf32 as they load it (_channel, _decayed), so that their
+    sums for dL/dg see exactly what the dots saw."""
     b, h, l, d_h = q.shape
-    config, d_s = _config(q), C.size(-1)
-    meta = dict(config[name], **(WIDE.get(min(d_s, 64), {}).get(name, {}) if config is CONFIG else {}))
-    assert all(config['BLOCK'] % meta[t] == 0 for t in ('BLOCK_M', 'BLOCK_N')), 'tiles must divide BLOCK'
+    d_s = RC.size(-1)
+    meta = launch_config(name, q.device, d_s)
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
-    grid = (triton.cdiv(l, meta[tiles]), b * h)
-    blocks = max(triton.next_power_of_2(triton.cdiv(l, config['BLOCK'])), 2)
-    kernel[grid](*args, h, l, scale, DH=d_h, DS=d_s, PRECISION=precision, BLOCK=config['BLOCK'], BLOCKS=blocks, **meta)
-    return grid
+    blocks = max(triton.next_power_of_2(triton.cdiv(l, meta['BLOCK'])), 2)
+    kernel[(triton.cdiv(l, meta[rows]), b * h)](*args, h, l, scale, DH=d_h, DS=d_s, PRECISION=precision,
+                                                BLOCKS=blocks, **meta)
 
 
 @torch.library.custom_op('nanosisa::attention', mutates_args=())
@@ -442,14 +548,14 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dRC, dRB = torch.empty_like(RC), torch.empty_like(RB)
     # dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it: each sum from the kernel that walks it, in fp32
     delta, dg_query, dg = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
-    dlam_tiles = torch.empty(q.size(0) * q.size(1), triton.cdiv(q.size(2), _config(q)['dq']['BLOCK_M']),
-                             dtype=torch.float32, device=q.device)  # one share of dL/dlambda per query tile
+    query_tiles = triton.cdiv(q.size(2), launch_config('dq', q.device, RC.size(-1))['BLOCK_M'])
+    dlam_tiles = torch.empty(q.size(0) * q.size(1), query_tiles, dtype=torch.float32, device=q.device)
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
     _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, q, k, v, RC, RB, g, lam, o, do, lse,
             delta, dq, dRC, dg_query, dlam_tiles, *strides, *_bhl(o))
     _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, RC, scale, q, k, v, RC, RB, g, lam, do, lse,
             delta, dg_query, dk, dv, dRB, dg, *strides)
-    dlam = dlam_tiles.view(q.size(0), q.size(1), -1).sum((0, 2)).to(lam.dtype)
+    dlam = dlam_tiles.view(q.size(0), q.size(1), -1).sum((0, 2)).to(lam.dtype)  # one share per query tile
     return dq, dk, dv, dRC, dRB, dg, dlam
 
 
@@ -473,64 +579,10 @@ def _backward(ctx, do, dlse):
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-@triton.jit
-def _cumsum(X, Y, s1, s2, sl, si, P2, L, I, CHUNK: tl.constexpr, WIDTH: tl.constexpr, REVERSE: tl.constexpr):
-    """Y = cumsum of X along L, for X of shape (P1, P2, L, I) with any strides; Y contiguous.
-    One program per CHUNK rows of one (p1, p2): it sums the rows before its chunk itself (the
-    chunks run in parallel, not one after another) and adds them to its chunk's own scan.
-    REVERSE scans from the end: row r is step L - 1 - r."""
-    c, p = tl.program_id(0), tl.program_id(1)
-    X, Y = X + (p // P2) * s1 + (p % P2) * s2, Y + p * L * I
-    col = tl.arange(0, WIDTH)
-    before = tl.zeros([WIDTH], Y.dtype.element_ty)
-    for t0 in range(0, c * CHUNK, CHUNK):          # the steps before this chunk
-        t = t0 + tl.arange(0, CHUNK)
-        r = L - 1 - t if REVERSE else t
-        x = tl.load(X + r[:, None] * sl + col[None, :] * si, mask=(t[:, None] < L) & (col[None, :] < I), other=0.0)
-        before += tl.sum(x.to(Y.dtype.element_ty), 0)
-    t = c * CHUNK + tl.arange(0, CHUNK)
-    r = L - 1 - t if REVERSE else t
-    mask = (t[:, None] < L) & (col[None, :] < I)
-    x = tl.load(X + r[:, None] * sl + col[None, :] * si, mask=mask, other=0.0).to(Y.dtype.element_ty)
-    tl.store(Y + r[:, None] * I + col[None, :], tl.cumsum(x, 0) + before[None, :], mask=mask)
-
-
-@torch.library.custom_op('nanosisa::cumsum', mutates_args=())
-def cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
-    """torch.cumsum (reverse: from the end), contiguous, as a Triton scan that reads x in its
-    own layout. torch.compile does not look into it: inductor (torch 2.11) failed to generate
-    code for g's cumsum once the whole model step was one graph ("SplitScan"). And theta is a
-    view of the SSM projection, its axis of time not last: torch.cumsum there needed a copy,
-    a flip each way for the reverse scan of the backward pass, and a copy back. On one H200
-    the scan took the 152M training step from 57.7 to 56.9 ms."""
-    shape, dim = x.shape, dim % x.dim()
-    if dim > 2:                                    # at most two axes before the scanned one
-        x = x.flatten(0, dim - 2)
-    elif dim < 2:
-        x = x[(None,) * (2 - dim)]
-    x = x.flatten(3) if x.dim() > 4 else x.unsqueeze(-1) if x.dim() == 3 else x  # (P1, P2, L, I)
-    p1, p2, l, i = x.shape
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    chunk = 256 if x.is_cuda else 16               # small under the interpreter: the tests cross chunks
-    _cumsum[(triton.cdiv(l, chunk), p1 * p2)](x, y, x.stride(0), x.stride(1), x.stride(2), x.stride(3), p2, l, i,
-                                              CHUNK=chunk, WIDTH=triton.next_power_of_2(i), REVERSE=reverse)
-    return y.view(shape)
-
-
-@cumsum.register_fake
-def _(x, dim, reverse=False):
-    return x.new_empty(x.shape)  # contiguous, as the real one
-
-
-cumsum.register_autograd(lambda ctx, grad: (cumsum(grad, ctx.dim, not ctx.reverse), None, None),
-                         setup_context=lambda ctx, inputs, output: ctx.__dict__.update(dim=inputs[1],
-                                                                                       reverse=inputs[2]))
-
-
 # -----------------------------------------------------------------------------
 # The SSM's channels, sisa.ssm_channels in one kernel each way: the two scans (g and Phi),
 # the rotation R(Phi) of C and B, and in the backward pass the rotation's transpose, dL/dPhi
-# and the two reverse scans. Left to inductor these were six kernels a layer, and the
+# and the two reverse scans. Left to inductor these took several kernels a layer, and the
 # rotation's backward evaluated sin and cos for every element of the SSM projection's gradient.
 
 @triton.jit
@@ -544,34 +596,36 @@ def _cos_sin(phi):
 
 
 @triton.jit
-def _pairs(X, t, s_row, s_col, L, DS, DSP: tl.constexpr):
+def _pairs(X, t, stride_row, stride_col, L, DS, DSP: tl.constexpr):
     """Rows t of a strided (l, DS) slab, loaded whole and split into its pairs (x[2m], x[2m+1]):
     two (rows, DSP // 2) tiles in fp32. DSP is DS rounded up to a power of two (zeros past DS)."""
     e = tl.arange(0, DSP)
-    x = tl.load(X + t[:, None] * s_row + e[None, :] * s_col, mask=(t[:, None] >= 0) & (t[:, None] < L)
+    x = tl.load(X + t[:, None] * stride_row + e[None, :] * stride_col, mask=(t[:, None] >= 0) & (t[:, None] < L)
                 & (e[None, :] < DS), other=0.0)
     return tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], DSP // 2, 2)))
 
 
 @triton.jit
-def _store_pairs(X, t, s_row, L, DS, x0, x1, DSP: tl.constexpr):
+def _store_pairs(X, t, stride_row, L, DS, x0, x1, DSP: tl.constexpr):
     """The inverse of _pairs: rows t of a (l, DS) slab with unit column stride, from its pairs."""
     e = tl.arange(0, DSP)
     x = tl.reshape(tl.join(x0, x1), (x0.shape[0], DSP))
-    tl.store(X + t[:, None] * s_row + e[None, :], x.to(X.dtype.element_ty),
+    tl.store(X + t[:, None] * stride_row + e[None, :], x.to(X.dtype.element_ty),
              mask=(t[:, None] >= 0) & (t[:, None] < L) & (e[None, :] < DS))
 
 
 @triton.jit
-def _channels_forward(C, B, A, TH, G, RC, RB, PHI, scb, sch, scl, scd, sbb, sbh, sbl, sbd, sab, sah, sal,
-                      stb, sth, stl, std, H, L, HALF, CHUNK: tl.constexpr, CARRY: tl.constexpr,
-                      WIDTH: tl.constexpr):
+def _channels_forward(C, B, A, TH, G, RC, RB, PHI, stride_cb, stride_ch, stride_cl, stride_cd,
+                      stride_bb, stride_bh, stride_bl, stride_bd, stride_ab, stride_ah, stride_al,
+                      stride_thb, stride_thh, stride_thl, stride_thd, H, L, HALF, CHUNK: tl.constexpr,
+                      CARRY: tl.constexpr, WIDTH: tl.constexpr):
     """CHUNK steps of one (batch, head): g_t = sum_{k<=t} log_alpha_k, Phi_t = sum_{k<=t} theta_k,
     then R(Phi_t) C_t and R(Phi_t) B_t. Inputs are read by strides (views of the projection);
     G, RC, RB, PHI are contiguous (b, h, l, .) fp32."""
     t0, bh = tl.program_id(0) * CHUNK, tl.program_id(1)
     z, h = bh // H, bh % H
-    C, B, A, TH = C + z * scb + h * sch, B + z * sbb + h * sbh, A + z * sab + h * sah, TH + z * stb + h * sth
+    C, B = C + z * stride_cb + h * stride_ch, B + z * stride_bb + h * stride_bh
+    A, TH = A + z * stride_ab + h * stride_ah, TH + z * stride_thb + h * stride_thh
     G, PHI, RC, RB = G + bh * L, PHI + bh * L * HALF, RC + bh * L * 2 * HALF, RB + bh * L * 2 * HALF
     m = tl.arange(0, WIDTH)                                 # pairs
     # Every chunk sums the steps before it itself (rows of d_s / 2 + 1 numbers), in CARRY-row
@@ -579,59 +633,63 @@ def _channels_forward(C, B, A, TH, G, RC, RB, PHI, scb, sch, scl, scd, sbb, sbh,
     g0, phi0 = tl.zeros([], tl.float32), tl.zeros([WIDTH], tl.float32)
     for s0 in range(0, t0, CARRY):
         s = s0 + tl.arange(0, CARRY)
-        g0 += tl.sum(tl.load(A + s * sal, mask=s < t0, other=0.0).to(tl.float32), 0)
-        th = tl.load(TH + s[:, None] * stl + m[None, :] * std, mask=(s[:, None] < t0) & (m[None, :] < HALF), other=0.0)
+        g0 += tl.sum(tl.load(A + s * stride_al, mask=s < t0, other=0.0).to(tl.float32), 0)
+        th = tl.load(TH + s[:, None] * stride_thl + m[None, :] * stride_thd,
+                     mask=(s[:, None] < t0) & (m[None, :] < HALF), other=0.0)
         phi0 += tl.sum(th.to(tl.float32), 0)
     t = t0 + tl.arange(0, CHUNK)
     mask = (t[:, None] < L) & (m[None, :] < HALF)
-    g = tl.cumsum(tl.load(A + t * sal, mask=t < L, other=0.0).to(tl.float32), 0) + g0
-    th = tl.load(TH + t[:, None] * stl + m[None, :] * std, mask=mask, other=0.0)
+    g = tl.cumsum(tl.load(A + t * stride_al, mask=t < L, other=0.0).to(tl.float32), 0) + g0
+    th = tl.load(TH + t[:, None] * stride_thl + m[None, :] * stride_thd, mask=mask, other=0.0)
     phi = tl.cumsum(th.to(tl.float32), 0) + phi0[None, :]
     tl.store(G + t, g, mask=t < L)
     tl.store(PHI + t[:, None] * HALF + m[None, :], phi, mask=mask)
     cos, sin = _cos_sin(phi)
-    c0, c1 = _pairs(C, t, scl, scd, L, 2 * HALF, 2 * WIDTH)
-    _store_pairs(RC, t, 2 * HALF, L, 2 * HALF, c0 * cos - c1 * sin, c0 * sin + c1 * cos, 2 * WIDTH)
-    b0, b1 = _pairs(B, t, sbl, sbd, L, 2 * HALF, 2 * WIDTH)
-    _store_pairs(RB, t, 2 * HALF, L, 2 * HALF, b0 * cos - b1 * sin, b0 * sin + b1 * cos, 2 * WIDTH)
+    c_even, c_odd = _pairs(C, t, stride_cl, stride_cd, L, 2 * HALF, 2 * WIDTH)
+    _store_pairs(RC, t, 2 * HALF, L, 2 * HALF, c_even * cos - c_odd * sin, c_even * sin + c_odd * cos, 2 * WIDTH)
+    b_even, b_odd = _pairs(B, t, stride_bl, stride_bd, L, 2 * HALF, 2 * WIDTH)
+    _store_pairs(RB, t, 2 * HALF, L, 2 * HALF, b_even * cos - b_odd * sin, b_even * sin + b_odd * cos, 2 * WIDTH)
 
 
 @triton.jit
-def _rotate_back(X, DR, DX, t, s_row, s_col, s_out, L, HALF, cos, sin, WIDTH: tl.constexpr):
+def _rotate_back(X, DR, DX, t, stride_row, stride_col, stride_out, L, HALF, cos, sin, WIDTH: tl.constexpr):
     """DX[t] = R(Phi_t)^T dL/dRX_t (per pair: d0 cos + d1 sin, d1 cos - d0 sin); returns this
     channel's share of dL/dPhi_t, RX_0 d1 - RX_1 d0 (dR/dPhi is R turned by 90 degrees)."""
-    x0, x1 = _pairs(X, t, s_row, s_col, L, 2 * HALF, 2 * WIDTH)
+    x0, x1 = _pairs(X, t, stride_row, stride_col, L, 2 * HALF, 2 * WIDTH)
     d0, d1 = _pairs(DR, t, 2 * HALF, 1, L, 2 * HALF, 2 * WIDTH)
-    _store_pairs(DX, t, s_out, L, 2 * HALF, d0 * cos + d1 * sin, d1 * cos - d0 * sin, 2 * WIDTH)
+    _store_pairs(DX, t, stride_out, L, 2 * HALF, d0 * cos + d1 * sin, d1 * cos - d0 * sin, 2 * WIDTH)
     return (x0 * cos - x1 * sin) * d1 - (x0 * sin + x1 * cos) * d0
 
 
 @triton.jit
-def _channels_backward(C, B, PHI, DRC, DRB, DC, DB, DPHI, scb, sch, scl, scd, sbb, sbh, sbl, sbd,
-                       sob, soh, sol, H, L, HALF, CHUNK: tl.constexpr, WIDTH: tl.constexpr):
+def _channels_backward(C, B, PHI, DRC, DRB, DC, DB, DPHI, stride_cb, stride_ch, stride_cl, stride_cd,
+                       stride_bb, stride_bh, stride_bl, stride_bd, stride_dcb, stride_dch, stride_dcl, H, L, HALF,
+                       CHUNK: tl.constexpr, WIDTH: tl.constexpr):
     """CHUNK steps of one (batch, head): dL/dC and dL/dB through the rotation's transpose, and
     dL/dPhi into DPHI (contiguous, fp32), which _channels_scan_back sums from the end.
-    DC and DB share the strides so*; DRC, DRB, PHI are contiguous."""
+    DC and DB share the strides stride_dc*; DRC, DRB, PHI are contiguous."""
     t0, bh = tl.program_id(0) * CHUNK, tl.program_id(1)
     z, h = bh // H, bh % H
-    C, B, DC, DB = C + z * scb + h * sch, B + z * sbb + h * sbh, DC + z * sob + h * soh, DB + z * sob + h * soh
+    C, B = C + z * stride_cb + h * stride_ch, B + z * stride_bb + h * stride_bh
+    DC, DB = DC + z * stride_dcb + h * stride_dch, DB + z * stride_dcb + h * stride_dch
     PHI, DPHI, DRC, DRB = PHI + bh * L * HALF, DPHI + bh * L * HALF, DRC + bh * L * 2 * HALF, DRB + bh * L * 2 * HALF
     t, m = t0 + tl.arange(0, CHUNK), tl.arange(0, WIDTH)
     mask = (t[:, None] < L) & (m[None, :] < HALF)
     cos, sin = _cos_sin(tl.load(PHI + t[:, None] * HALF + m[None, :], mask=mask, other=0.0))
-    dphi = _rotate_back(C, DRC, DC, t, scl, scd, sol, L, HALF, cos, sin, WIDTH)
-    dphi += _rotate_back(B, DRB, DB, t, sbl, sbd, sol, L, HALF, cos, sin, WIDTH)
+    dphi = _rotate_back(C, DRC, DC, t, stride_cl, stride_cd, stride_dcl, L, HALF, cos, sin, WIDTH)
+    dphi += _rotate_back(B, DRB, DB, t, stride_bl, stride_bd, stride_dcl, L, HALF, cos, sin, WIDTH)
     tl.store(DPHI + t[:, None] * HALF + m[None, :], dphi, mask=mask)
 
 
 @triton.jit
-def _channels_scan_back(DG, DPHI, DA, DTH, sab, sah, sal, stb, sth, stl, H, L, HALF,
-                        CHUNK: tl.constexpr, CARRY: tl.constexpr, WIDTH: tl.constexpr):
+def _channels_scan_back(DG, DPHI, DA, DTH, stride_dab, stride_dah, stride_dal, stride_dthb, stride_dthh, stride_dthl,
+                        H, L, HALF, CHUNK: tl.constexpr, CARRY: tl.constexpr, WIDTH: tl.constexpr):
     """dL/dlog_alpha_t = sum_{s>=t} dL/dg_s and dL/dtheta_t = sum_{s>=t} dL/dPhi_s: CHUNK steps
     from the end of one (batch, head), step s being row L - 1 - s. DG, DPHI contiguous; DA, DTH strided."""
     s0, bh = tl.program_id(0) * CHUNK, tl.program_id(1)
     z, h = bh // H, bh % H
-    DG, DPHI, DA, DTH = DG + bh * L, DPHI + bh * L * HALF, DA + z * sab + h * sah, DTH + z * stb + h * sth
+    DG, DPHI = DG + bh * L, DPHI + bh * L * HALF
+    DA, DTH = DA + z * stride_dab + h * stride_dah, DTH + z * stride_dthb + h * stride_dthh
     m = tl.arange(0, WIDTH)
     da0, dth0 = tl.zeros([], tl.float32), tl.zeros([WIDTH], tl.float32)
     for r0 in range(0, s0, CARRY):                          # the steps before this chunk's, as in _channels_forward
@@ -644,22 +702,17 @@ def _channels_scan_back(DG, DPHI, DA, DTH, sab, sah, sal, stb, sth, stl, H, L, H
     mask = (t[:, None] >= 0) & (m[None, :] < HALF)
     da = tl.cumsum(tl.load(DG + t, mask=t >= 0, other=0.0), 0) + da0
     dth = tl.cumsum(tl.load(DPHI + t[:, None] * HALF + m[None, :], mask=mask, other=0.0), 0) + dth0[None, :]
-    tl.store(DA + t * sal, da.to(DA.dtype.element_ty), mask=t >= 0)
-    tl.store(DTH + t[:, None] * stl + m[None, :], dth.to(DTH.dtype.element_ty), mask=mask)
+    tl.store(DA + t * stride_dal, da.to(DA.dtype.element_ty), mask=t >= 0)
+    tl.store(DTH + t[:, None] * stride_dthl + m[None, :], dth.to(DTH.dtype.element_ty), mask=mask)
 
 
-# Rows per program (CHUNK) and rows per load of the carry loop (CARRY) for each channel kernel, on CUDA:
-# the fastest of 32 to 512 rows and 1 to 8 warps, each kernel timed alone on an H200 (README, Performance).
-# Small under the interpreter, so that the tests cross chunks and carry loads.
-CHANNELS = dict(forward=dict(CHUNK=128, CARRY=512), backward=dict(CHUNK=64), scan_back=dict(CHUNK=256, CARRY=512))
-
-
-def _channels_launch(x, name):
-    """(grid, meta-parameters) of channel kernel `name` for a (b, h, l, d_s) x: a program per CHUNK steps
-    of a (batch, head)."""
-    b, h, l, d_s = x.shape
-    meta = dict(CHANNELS[name]) if x.is_cuda else {k: {'CHUNK': 16, 'CARRY': 8}[k] for k in CHANNELS[name]}
-    return (triton.cdiv(l, meta['CHUNK']), b * h), dict(meta, WIDTH=triton.next_power_of_2(max(d_s // 2, 1)))
+def _channels_launch(kernel, name, C, *args):
+    """kernel[grid](*args) with launch_config(name): a program per CHUNK steps of a (batch, head) of C,
+    (b, h, l, d_s)."""
+    b, h, l, d_s = C.shape
+    meta = launch_config(name, C.device)
+    width = triton.next_power_of_2(max(d_s // 2, 1))  # the pairs, padded to a power of two
+    kernel[(triton.cdiv(l, meta['CHUNK']), b * h)](*args, h, l, d_s // 2, WIDTH=width, **meta)
 
 
 @torch.library.custom_op('nanosisa::channels', mutates_args=())
@@ -669,9 +722,8 @@ def _channels(C: torch.Tensor, B: torch.Tensor, log_alpha: torch.Tensor,
     g = torch.empty(b, h, l, dtype=torch.float32, device=C.device)
     phi = torch.empty(b, h, l, d_s // 2, dtype=torch.float32, device=C.device)
     RC, RB = (torch.empty(b, h, l, d_s, dtype=torch.float32, device=C.device) for _ in range(2))
-    grid, meta = _channels_launch(C, 'forward')
-    _channels_forward[grid](C, B, log_alpha, theta, g, RC, RB, phi, *C.stride(), *B.stride(), *log_alpha.stride(),
-                            *theta.stride(), h, l, d_s // 2, **meta)
+    _channels_launch(_channels_forward, 'channels_forward', C, C, B, log_alpha, theta, g, RC, RB, phi,
+                     *C.stride(), *B.stride(), *log_alpha.stride(), *theta.stride())
     return g, RC, RB, phi
 
 
@@ -687,15 +739,13 @@ def _(C, B, log_alpha, theta):
 def _channels_backward_op(C: torch.Tensor, B: torch.Tensor, phi: torch.Tensor, dg: torch.Tensor, dRC: torch.Tensor,
                           dRB: torch.Tensor, la_dtype: torch.dtype,
                           th_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, h, l, d_s = C.shape
     dC, dB, dla, dth = _channels_grads_like(C, la_dtype, th_dtype)
     dg, dRC, dRB = dg.float().contiguous(), dRC.float().contiguous(), dRB.float().contiguous()
     dphi = torch.empty_like(phi)
-    grid, meta = _channels_launch(C, 'backward')
-    _channels_backward[grid](C, B, phi, dRC, dRB, dC, dB, dphi, *C.stride(), *B.stride(), *dC.stride()[:3],
-                             h, l, d_s // 2, **meta)
-    grid, meta = _channels_launch(C, 'scan_back')
-    _channels_scan_back[grid](dg, dphi, dla, dth, *dla.stride(), *dth.stride()[:3], h, l, d_s // 2, **meta)
+    _channels_launch(_channels_backward, 'channels_backward', C, C, B, phi, dRC, dRB, dC, dB, dphi,
+                     *C.stride(), *B.stride(), *dC.stride()[:3])
+    _channels_launch(_channels_scan_back, 'channels_scan_back', C, dg, dphi, dla, dth,
+                     *dla.stride(), *dth.stride()[:3])
     return dC, dB, dla, dth
 
 
@@ -720,47 +770,63 @@ def _channels_setup(ctx, inputs, output):
 def _channels_grad(ctx, dg, dRC, dRB, dphi):  # phi is saved for the backward pass, not an output to differentiate
     C, B, phi = ctx.saved_tensors
     dg, dRC, dRB = (torch.zeros_like(x) if d is None else d for x, d in zip((phi[..., 0], C, C), (dg, dRC, dRB)))
-    dC, dB, dla, dth = _channels_backward_op(C, B, phi, dg, dRC, dRB, *ctx.dtypes)
-    return dC, dB, dla, dth
+    return _channels_backward_op(C, B, phi, dg, dRC, dRB, *ctx.dtypes)
 
 
 _channels.register_autograd(_channels_grad, setup_context=_channels_setup)
 
 
-def channels(C, B, log_alpha, theta):
-    """sisa.ssm_channels in one fused kernel (and two for its backward pass).
+# -----------------------------------------------------------------------------
+# cumsum: one scan, as a custom op
 
-    Args:
-        C, B: (b, h, l, d_s), any strides (views of the SSM projection), any float dtype
-        log_alpha: (b, h, l); theta: (b, h, l, d_s // 2)
-    Returns:
-        g: (b, h, l); RC, RB: (b, h, l, d_s), R(Phi) C and R(Phi) B; all fp32 and contiguous
-    """
-    g, RC, RB, _ = _channels(C, B, log_alpha, theta)
-    return g, RC, RB
+@triton.jit
+def _cumsum(X, Y, stride_x1, stride_x2, stride_xl, stride_xi, P2, L, I, CHUNK: tl.constexpr, WIDTH: tl.constexpr,
+            REVERSE: tl.constexpr):
+    """Y = cumsum of X along L, for X of shape (P1, P2, L, I) with any strides; Y contiguous.
+    One program per CHUNK rows of one (p1, p2): it sums the rows before its chunk itself (the
+    chunks run in parallel, not one after another) and adds them to its chunk's own scan.
+    REVERSE scans from the end: row r is step L - 1 - r."""
+    t0, p = tl.program_id(0) * CHUNK, tl.program_id(1)
+    X, Y = X + (p // P2) * stride_x1 + (p % P2) * stride_x2, Y + p * L * I
+    col = tl.arange(0, WIDTH)
+    before = tl.zeros([WIDTH], Y.dtype.element_ty)
+    for s0 in range(0, t0, CHUNK):                 # the steps before this chunk
+        s = s0 + tl.arange(0, CHUNK)
+        r = L - 1 - s if REVERSE else s
+        x = tl.load(X + r[:, None] * stride_xl + col[None, :] * stride_xi, mask=(s[:, None] < L) & (col[None, :] < I),
+                    other=0.0)
+        before += tl.sum(x.to(Y.dtype.element_ty), 0)
+    t = t0 + tl.arange(0, CHUNK)
+    r = L - 1 - t if REVERSE else t
+    mask = (t[:, None] < L) & (col[None, :] < I)
+    x = tl.load(X + r[:, None] * stride_xl + col[None, :] * stride_xi, mask=mask, other=0.0).to(Y.dtype.element_ty)
+    tl.store(Y + r[:, None] * I + col[None, :], tl.cumsum(x, 0) + before[None, :], mask=mask)
 
 
-def _pad_to_pow2(x, least=16):
-    """Zero columns up to a power of two >= 16 (what tl.arange and tl.dot need): they add nothing to any dot."""
-    n = x.size(-1)
-    width = max(least, triton.next_power_of_2(n))
-    return x if width == n else F.pad(x, (0, width - n))
+@torch.library.custom_op('nanosisa::cumsum', mutates_args=())
+def _cumsum_op(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
+    shape, dim = x.shape, dim % x.dim()
+    if dim > 2:                                    # at most two axes before the scanned one
+        x = x.flatten(0, dim - 2)
+    elif dim < 2:
+        x = x[(None,) * (2 - dim)]
+    x = x.flatten(3) if x.dim() > 4 else x.unsqueeze(-1) if x.dim() == 3 else x  # (P1, P2, L, I)
+    p1, p2, l, i = x.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    meta = launch_config('cumsum', x.device)
+    _cumsum[(triton.cdiv(l, meta['CHUNK']), p1 * p2)](x, y, *x.stride(), p2, l, i, WIDTH=triton.next_power_of_2(i),
+                                                      REVERSE=reverse, **meta)
+    return y.view(shape)
 
 
-def sisa_attention_fused(q, k, v, RC, RB, g, lam):
-    """softmax(q.k / sqrt(d_h) + lambda exp(g_i - g_j) RC_i . RB_j + causal mask) v in one kernel.
+@_cumsum_op.register_fake
+def _(x, dim, reverse=False):
+    return x.new_empty(x.shape)  # contiguous, as the real one
 
-    Args:
-        q, k, v: (b, h, l, d_h), RoPE applied; fp32, bf16 or fp16, on CUDA (or on the CPU
-            under TRITON_INTERPRET=1)
-        RC, RB: (b, h, l, d_s), R(Phi) C and R(Phi) B (sisa.ssm_channels)
-        g: (b, h, l), the cumulative log decay
-        lam: (h,), lambda
-    Returns:
-        (b, h, l, d_h)
-    """
-    d_h = q.size(-1)
-    q, k, v = (_pad_to_pow2(t) for t in (q, k, v))
-    RC, RB = (_pad_to_pow2(t.float()).contiguous() for t in (RC, RB))  # fp32: see _launch
-    o, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam.float().contiguous(), 1.0 / math.sqrt(d_h))
-    return o[..., :d_h]
+
+def _cumsum_setup(ctx, inputs, output):
+    ctx.dim, ctx.reverse = inputs[1], inputs[2]
+
+
+_cumsum_op.register_autograd(lambda ctx, grad: (_cumsum_op(grad, ctx.dim, not ctx.reverse), None, None),
+                             setup_context=_cumsum_setup)
