@@ -137,15 +137,20 @@ SCANS = dict(channels_forward=dict(CHUNK=128, CARRY=512), channels_backward=dict
 SCANS_INTERPRETED = dict(CHUNK=16, CARRY=8)
 
 
-def launch_config(kernel, device, d_state=None):
+def launch_config(kernel, device, d_state=None, length=0):
     """The meta-parameters of `kernel` on `device`. An attention kernel ('forward', 'dq', 'dkdv')
     gets BLOCK, its tiles, warps and stages for C and B tiles d_state wide; a scan (a key of SCANS)
-    its CHUNK and CARRY. The tables are read at each call, so that tests can swap them."""
+    its CHUNK and CARRY. The tables are read at each call, so that tests can swap them. Under the
+    interpreter, whose time goes by programs, sequences longer than 128 (a scan: 64) get tiles and
+    chunks 2x larger per doubling: still several to a sequence."""
     on_cuda = torch.device(device).type == 'cuda'
+    grow = 1 if on_cuda else max(1, triton.next_power_of_2(max(length, 1)) // (64 if kernel in SCANS else 128))
     if kernel in SCANS:
-        return dict(SCANS[kernel]) if on_cuda else {name: SCANS_INTERPRETED[name] for name in SCANS[kernel]}
+        return dict(SCANS[kernel]) if on_cuda else {name: SCANS_INTERPRETED[name] * grow for name in SCANS[kernel]}
     if not on_cuda:
-        config = INTERPRETED
+        tile = lambda key, n: n * grow if key.startswith('BLOCK') else n
+        config = {key: {k: tile(k, n) for k, n in v.items()} if isinstance(v, dict) else tile(key, v)
+                  for key, v in INTERPRETED.items()}
     else:
         config = CONFIG if torch.cuda.get_device_capability(device) >= (8, 0) else SMALL
     wide = WIDE.get(min(d_state, 64), {}).get(kernel, {}) if config is CONFIG else {}
@@ -515,7 +520,7 @@ def _launch(kernel, name, rows, q, RC, scale, *args):
     sums for dL/dg see exactly what the dots saw."""
     b, h, l, d_h = q.shape
     d_s = RC.size(-1)
-    meta = launch_config(name, q.device, d_s)
+    meta = launch_config(name, q.device, d_s, l)
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
     blocks = max(triton.next_power_of_2(triton.cdiv(l, meta['BLOCK'])), 2)
     kernel[(triton.cdiv(l, meta[rows]), b * h)](*args, h, l, scale, DH=d_h, DS=d_s, PRECISION=precision,
@@ -548,7 +553,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dRC, dRB = torch.empty_like(RC), torch.empty_like(RB)
     # dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it: each sum from the kernel that walks it, in fp32
     delta, dg_query, dg = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
-    query_tiles = triton.cdiv(q.size(2), launch_config('dq', q.device, RC.size(-1))['BLOCK_M'])
+    query_tiles = triton.cdiv(q.size(2), launch_config('dq', q.device, RC.size(-1), q.size(2))['BLOCK_M'])
     dlam_tiles = torch.empty(q.size(0) * q.size(1), query_tiles, dtype=torch.float32, device=q.device)
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
     _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, q, k, v, RC, RB, g, lam, o, do, lse,
@@ -710,7 +715,7 @@ def _channels_launch(kernel, name, C, *args):
     """kernel[grid](*args) with launch_config(name): a program per CHUNK steps of a (batch, head) of C,
     (b, h, l, d_s)."""
     b, h, l, d_s = C.shape
-    meta = launch_config(name, C.device)
+    meta = launch_config(name, C.device, length=l)
     width = triton.next_power_of_2(max(d_s // 2, 1))  # the pairs, padded to a power of two
     kernel[(triton.cdiv(l, meta['CHUNK']), b * h)](*args, h, l, d_s // 2, WIDTH=width, **meta)
 
@@ -813,7 +818,7 @@ def _cumsum_op(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor
     x = x.flatten(3) if x.dim() > 4 else x.unsqueeze(-1) if x.dim() == 3 else x  # (P1, P2, L, I)
     p1, p2, l, i = x.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    meta = launch_config('cumsum', x.device)
+    meta = launch_config('cumsum', x.device, length=l)
     _cumsum[(triton.cdiv(l, meta['CHUNK']), p1 * p2)](x, y, *x.stride(), p2, l, i, WIDTH=triton.next_power_of_2(i),
                                                       REVERSE=reverse, **meta)
     return y.view(shape)

@@ -30,6 +30,7 @@ import train as tr
 from configurator import parse_flags
 from prepare_data import DataError
 from sisa import GPT, GPTConfig
+from test_sisa import HAS_TRITON, device, fast_model, kernels  # noqa: F401 (device: the fixture of every device here)
 
 # =============================================================================
 # prepare_data.py
@@ -692,10 +693,12 @@ def test_sample_answers_help_without_loading_torch():
     assert '--max_new_tokens' in r.stdout and r.stdout.strip().endswith('torch loaded: False')
 
 
-def test_flags_that_only_sisa_has_are_refused_for_the_transformer(workdir):
-    got = exit_message(tr.main, TINY + ['--attention=softmax', '--lambda_fixed', '--d_state=8'])
-    assert '--d_state' in got and '--lambda_fixed' in got and '\n' not in got
-    assert not os.path.exists('out')
+def test_flags_that_only_sisa_has_get_a_note_from_the_transformer(workdir, capsys):
+    tr.main(TINY + ['--attention=softmax', '--lambda_fixed', '--max_iters=1', '--eval_interval=1'])
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith('note:')]
+    assert len(notes) == 1 and '--d_state, --lambda_fixed' in notes[0] and 'ignores them' in notes[0]
+    tr.main(TINY + ['--max_iters=1', '--eval_interval=1', '--out_dir=sisa'])
+    assert not any(l.startswith('note:') for l in capsys.readouterr().out.splitlines())
 
 
 def test_a_kernel_that_cannot_run_here_is_refused_before_anything_is_built(workdir, monkeypatch):
@@ -709,6 +712,82 @@ def test_ctrl_c_before_training_begins_is_one_line(workdir, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(tr, 'Data', pressed)
     assert exit_message(tr.main, TINY) == 'interrupted before training began; nothing was saved'
+
+
+# -----------------------------------------------------------------------------
+# the kernels' build for the GPUs they are configured for (Triton compiles without one; minutes cold)
+
+SHARED_MEMORY_SCRIPT = """
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import sisa_kernel as K
+out = []
+for arch, config, wide in ((75, K.SMALL, {}), (86, K.CONFIG, K.WIDE)):
+    for d_s in (16, 32, 64):
+        for name, fn in (('forward', K._forward), ('dq', K._backward_dq), ('dkdv', K._backward_dkdv)):
+            meta = dict(config[name], **wide.get(d_s, {}).get(name, {}))
+            consts = dict(DH=64, DS=d_s, BLOCK=config['BLOCK'], BLOCK_M=meta['BLOCK_M'], BLOCK_N=meta['BLOCK_N'],
+                          BLOCKS=32, PRECISION='tf32')
+            sig = {a: 'constexpr' if a in consts else '*fp16' if a in ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV')
+                   else '*fp32' if a.isupper() and a not in ('H', 'L') else 'fp32' if a == 'scale' else 'i32'
+                   for a in fn.arg_names}
+            kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', arch, 32),
+                                    options=dict(num_warps=meta['num_warps'], num_stages=meta['num_stages']))
+            out.append((arch, d_s, name, kernel.metadata.shared))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="sisa_kernel.py needs Triton (pip install triton)")
+def test_the_kernels_fit_the_shared_memory_of_the_gpus_they_are_configured_for():
+    # A kernel that needs more shared memory than a block may have fails at launch. Compiled here
+    # (Triton compiles without a GPU), in a process of its own without TRITON_INTERPRET: SMALL for
+    # sm_75 (Turing, as in a T4: 64 kB a block), CONFIG with WIDE's stages for sm_86 (an RTX 30xx:
+    # 99 kB; Ada's sm_89 is the same, A100 and H100 have more).
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, '-c', SHARED_MEMORY_SCRIPT], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shared = json.loads(run.stdout.splitlines()[-1])
+    assert len(shared) == 18
+    limit = {75: 64 * 1024, 86: 99 * 1024}
+    for arch, d_s, name, nbytes in shared:
+        assert 0 < nbytes <= limit[arch], (arch, d_s, name, nbytes)
+
+
+# -----------------------------------------------------------------------------
+# torch.compile: what train.py runs on CUDA (on the CPU the fused kernel runs interpreted)
+
+def test_a_model_step_on_the_fused_kernel_is_one_graph_for_torch_compile(device):
+    if 'triton' not in kernels(device):
+        pytest.skip(f'no Triton kernel on {device.type}')
+    torch._dynamo.reset()
+    model = fast_model(device, 'triton', block_size=32 if device.type == 'cpu' else 256)
+    idx = torch.randint(0, 50, (2, model.config.block_size), device=device)
+    explained = torch._dynamo.explain(model)(idx, idx)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+@pytest.mark.parametrize("attention", ["sisa", "softmax"])
+def test_one_compiled_training_step_equals_the_eager_one(device, attention):
+    # on the CPU the fused kernel runs interpreted, and the whole step is still one graph
+    kernel = kernels(device)[-1]
+    one_graph = attention == 'softmax' or kernel == 'triton'  # the SDPA form branches on the data
+    l, dtype = (1024, torch.bfloat16) if device.type == 'cuda' else (32, None)
+    torch._dynamo.reset()
+    steps = []
+    for compiled in (False, True):
+        model = fast_model(device, kernel, block_size=l, attention=attention, decay=1.0).train()
+        run = torch.compile(model, fullgraph=one_graph) if compiled else model
+        idx = torch.randint(0, 50, (4, l), generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            _, loss = run(idx, idx)
+        loss.backward()
+        steps.append((loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])))
+    (loss_e, grad_e), (loss_c, grad_c) = steps
+    assert math.isfinite(loss_c) and loss_c == pytest.approx(loss_e, rel=1e-2 if dtype else 1e-5)
+    assert ((grad_c - grad_e).norm() / grad_e.norm()).item() < (5e-2 if dtype else 1e-4)
 
 
 # -----------------------------------------------------------------------------

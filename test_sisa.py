@@ -10,11 +10,8 @@ MPS where available, so the same command on a GPU machine is the GPU test run. T
 Triton kernel (sisa_kernel.py) runs on CUDA, and on the CPU under Triton's interpreter
 (TRITON_INTERPRET=1, set below when there is no GPU; pip install triton).
 """
-import json
 import math
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -481,45 +478,6 @@ def test_the_kernels_tiles_for_gpus_before_ampere_are_exact(device, d_s, monkeyp
                        grad_tol=TOLERANCES[torch.float16][1], **shape)
 
 
-SHARED_MEMORY_SCRIPT = """
-import json, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import sisa_kernel as K
-out = []
-for arch, config, wide in ((75, K.SMALL, {}), (86, K.CONFIG, K.WIDE)):
-    for d_s in (16, 32, 64):
-        for name, fn in (('forward', K._forward), ('dq', K._backward_dq), ('dkdv', K._backward_dkdv)):
-            meta = dict(config[name], **wide.get(d_s, {}).get(name, {}))
-            consts = dict(DH=64, DS=d_s, BLOCK=config['BLOCK'], BLOCK_M=meta['BLOCK_M'], BLOCK_N=meta['BLOCK_N'],
-                          BLOCKS=32, PRECISION='tf32')
-            sig = {a: 'constexpr' if a in consts else '*fp16' if a in ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV')
-                   else '*fp32' if a.isupper() and a not in ('H', 'L') else 'fp32' if a == 'scale' else 'i32'
-                   for a in fn.arg_names}
-            kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', arch, 32),
-                                    options=dict(num_warps=meta['num_warps'], num_stages=meta['num_stages']))
-            out.append((arch, d_s, name, kernel.metadata.shared))
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="sisa_kernel.py needs Triton (pip install triton)")
-def test_the_kernels_fit_the_shared_memory_of_the_gpus_they_are_configured_for():
-    # A kernel that needs more shared memory than a block may have fails at launch. Compiled here
-    # (Triton compiles without a GPU), in a process of its own without TRITON_INTERPRET: SMALL for
-    # sm_75 (Turing, as in a T4: 64 kB a block), CONFIG with WIDE's stages for sm_86 (an RTX 30xx:
-    # 99 kB; Ada's sm_89 is the same, A100 and H100 have more).
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    run = subprocess.run([sys.executable, '-c', SHARED_MEMORY_SCRIPT], cwd=os.path.dirname(os.path.abspath(__file__)),
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-2000:]
-    shared = json.loads(run.stdout.splitlines()[-1])
-    assert len(shared) == 18
-    limit = {75: 64 * 1024, 86: 99 * 1024}
-    for arch, d_s, name, nbytes in shared:
-        assert 0 < nbytes <= limit[arch], (arch, d_s, name, nbytes)
-
-
 def test_a_key_block_is_skipped_only_where_every_key_in_it_is_forgotten(device):
     # The kernel skips the importance for a pair of blocks when the queries' offset has decayed past
     # 2^-126 at the key block's LAST key (sisa_kernel._forgotten). Here heads remember perfectly
@@ -553,7 +511,7 @@ def test_gradient_of_the_first_decay_is_zero(device, dtype):
 
 
 @pytest.mark.parametrize("d_s", [16, 32, 64])
-@pytest.mark.parametrize("l", [1, 97])
+@pytest.mark.parametrize("l", [1, 71])
 def test_sisa_attention_is_exact_for_every_state_width_and_odd_lengths(device, d_s, l):
     dtype = torch.float16 if device.type == 'cuda' else torch.float32
     for kernel in kernels(device):
@@ -708,37 +666,6 @@ def test_the_fused_kernel_and_the_sdpa_form_give_the_same_model(device):
         assert error['triton'] < 1e-4
     else:
         assert error['triton'] < 1.25 * error['sdpa'], error
-
-
-def test_a_model_step_on_the_fused_kernel_is_one_graph_for_torch_compile(device):
-    if 'triton' not in kernels(device):
-        pytest.skip(f'no Triton kernel on {device.type}')
-    torch._dynamo.reset()
-    model = fast_model(device, 'triton', block_size=32 if device.type == 'cpu' else 256)
-    idx = torch.randint(0, 50, (2, model.config.block_size), device=device)
-    explained = torch._dynamo.explain(model)(idx, idx)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-
-
-@pytest.mark.parametrize("attention", ["sisa", "softmax"])
-def test_one_compiled_training_step_equals_the_eager_one(device, attention):
-    # on the CPU the fused kernel runs interpreted, and the whole step is still one graph
-    kernel = kernels(device)[-1]
-    one_graph = attention == 'softmax' or kernel == 'triton'  # the SDPA form branches on the data
-    l, dtype = (1024, torch.bfloat16) if device.type == 'cuda' else (32, None)
-    torch._dynamo.reset()
-    steps = []
-    for compiled in (False, True):
-        model = fast_model(device, kernel, block_size=l, attention=attention, decay=1.0).train()
-        run = torch.compile(model, fullgraph=one_graph) if compiled else model
-        idx = torch.randint(0, 50, (4, l), generator=torch.Generator().manual_seed(0)).to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            _, loss = run(idx, idx)
-        loss.backward()
-        steps.append((loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])))
-    (loss_e, grad_e), (loss_c, grad_c) = steps
-    assert math.isfinite(loss_c) and loss_c == pytest.approx(loss_e, rel=1e-2 if dtype else 1e-5)
-    assert ((grad_c - grad_e).norm() / grad_e.norm()).item() < (5e-2 if dtype else 1e-4)
 
 
 SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tinyshakespeare.txt')

@@ -413,7 +413,7 @@ def main(argv):
     cfg = parse_flags(TrainConfig, argv, __doc__)
     sisa_only = [f'--{name}' for name in ('d_state', 'lambda_fixed', 'sisa_offset', 'kernel') if name in cfg.given]
     if cfg.attention == 'softmax' and sisa_only:
-        sys.exit(f"error: {', '.join(sisa_only)} set SISA's attention, and --attention=softmax has none")
+        print(f"note: {', '.join(sisa_only)} set SISA's attention; --attention=softmax has none and ignores them")
     try:
         train(cfg)
     except (prepare_data.DataError, ValueError) as e:  # ValueError: bad model settings (sisa.GPTConfig)
