@@ -34,6 +34,7 @@ class BenchConfig(TrainConfig):
     iters: int = opt(20, 'timed steps per model (in 5 windows; the median counts)')
     half_life: float = opt(0.0, "every SISA head's decay half-life in tokens (0: as initialized, ~100)")
     vocab_size: int = opt(0, "vocabulary of the random tokens (0: the dataset's)")
+    profile: bool = opt(False, 'after timing, profile 5 steps of each model (torch.profiler) and print its top kernels')
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,13 +91,25 @@ def time_steps(cfg, vocab):
         windows.append((time.perf_counter() - t0) / max(1, cfg.iters // 5))
     dt = float(np.median(windows))
     tok_s = world * cfg.batch_size * cfg.block_size / dt
+    table = profile(step, sync, device) if cfg.profile else None
     if 'RANK' in os.environ:
         torch.distributed.barrier()
         destroy_process_group()
     return dict(params=model.get_num_params(), tok_s=tok_s, step_ms=dt * 1000, rank=rank, world=world,
                 windows='/'.join(f'{w * 1000:.1f}' for w in windows),
                 mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None,
-                mfu=estimate_mfu(model, tok_s / world, device, dtype))
+                mfu=estimate_mfu(model, tok_s / world, device, dtype), profile=table)
+
+
+def profile(step, sync, device, steps=5):
+    """torch.profiler's table of the kernels (or CPU ops) that take the most time over `steps` steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == 'cuda')
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    key = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    return f'{steps} steps:\n' + prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
 
 
 def benchmark(cfg):
@@ -122,6 +135,8 @@ def benchmark(cfg):
         mfu = 'n/a' if r['mfu'] is None else f"{r['mfu']:.1%}"
         print(f"{attention:>8}: {r['params'] / 1e6:.2f}M params, {r['tok_s']:,.0f} tok/s, {r['step_ms']:.1f} ms/step "
               f"(windows {r['windows']} ms), peak {mem}, MFU {mfu}")
+        if r['profile']:
+            print(r['profile'])
     s, t = results['sisa'], results['softmax']
     memory = f"{s['mem_gib'] / t['mem_gib']:.3f}x" if s['mem_gib'] else 'n/a'
     print(f"SISA/Transformer: throughput {s['tok_s'] / t['tok_s']:.3f}x, memory {memory} "
