@@ -2,9 +2,9 @@
 Training throughput of SISA and the parameter-matched Transformer, side by side in one run.
 
 $ python bench.py                                   # the default tiny needle model
-$ python bench.py --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=64 --vocab_size=65 --half_life=4
-$ python bench.py --n_layer=12 --n_head=12 --n_embd=768 --d_ff=3072 --block_size=2048 --batch_size=8 --d_state=16 --vocab_size=50304
-$ torchrun --standalone --nproc_per_node=2 bench.py --attention=sisa   # one model, data-parallel
+$ python bench.py --shape=tiny --dropout=0.2 --half_life=4   # nanoGPT's tiny Shakespeare shape, trained-like decays
+$ python bench.py --shape=152m                      # the paper's 152M (SHAPES below lists every shape's flags)
+$ torchrun --standalone --nproc_per_node=2 bench.py --shape=152m --attention=sisa   # one model, data-parallel
 
 Each model is timed in a fresh process, so neither inherits the other's compilation caches or
 allocator state: the figure is the one the model gets when timed alone. It takes train.py's flags
@@ -29,8 +29,18 @@ from sisa import GPT
 from train import TrainConfig, model_config, use_compile
 
 
+# the shapes people train: flags a --shape sets, unless given too
+SHAPES = {
+    'tiny': dict(n_layer=6, n_head=6, n_embd=384, d_state=16, block_size=256, batch_size=64, vocab_size=65),
+    'tiny1024': dict(n_layer=6, n_head=6, n_embd=384, d_state=16, block_size=1024, batch_size=16, vocab_size=65),
+    '152m': dict(n_layer=12, n_head=12, n_embd=768, d_ff=3072, d_state=16, block_size=2048, batch_size=8,
+                 vocab_size=50304),
+}
+
+
 @dataclass
 class BenchConfig(TrainConfig):
+    shape: str = opt('', f"'' (the flags as given), or one of {', '.join(SHAPES)}: see SHAPES in bench.py")
     iters: int = opt(20, 'timed steps per model (in 5 windows; the median counts)')
     half_life: float = opt(0.0, "every SISA head's decay half-life in tokens (0: as initialized, ~100)")
     vocab_size: int = opt(0, "vocabulary of the random tokens (0: the dataset's)")
@@ -38,7 +48,8 @@ class BenchConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_values(self, positive=('iters',), non_negative=('half_life', 'vocab_size'))
+        check_values(self, positive=('iters',), non_negative=('half_life', 'vocab_size'),
+                     choices=dict(shape=('',) + tuple(SHAPES)))
 
 
 def time_steps(cfg, vocab):
@@ -113,13 +124,17 @@ def profile(step, sync, device, steps=5):
 
 
 def benchmark(cfg):
+    if cfg.shape:
+        given = getattr(cfg, 'given', frozenset())
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in SHAPES[cfg.shape].items() if k not in given})
     device = pick_device(cfg.device)
     vocab = cfg.vocab_size or Data(cfg).meta['vocab_size']
     half_life = f'half-life {cfg.half_life:g} tokens' if cfg.half_life else 'decays at init'
     if int(os.environ.get('RANK', 0)) == 0:
         print(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), torch {torch.__version__}, '
               f'{pick_dtype(cfg.dtype, device)}, {"compiled" if use_compile(cfg, device) else "eager"}, batch {cfg.batch_size} x '
-              f'{cfg.block_size}, vocab {vocab}, SISA kernel {cfg.kernel}, dropout {cfg.dropout:g}, {half_life}')
+              f'{cfg.block_size}, {cfg.n_layer} x {cfg.n_embd}, d_state {cfg.d_state}, vocab {vocab}, SISA kernel '
+              f'{cfg.kernel}, dropout {cfg.dropout:g}, {half_life}')
     if 'RANK' in os.environ:  # torchrun: the one model of --attention, data-parallel, timed in these processes
         r = time_steps(cfg, vocab)
         if r['rank'] == 0:

@@ -89,8 +89,11 @@ def leak(out_dir, data, cfg):
                 flips=(a.argmax(-1) != b.argmax(-1)).float().mean().item())
 
 
-def compare_run(run, lengths):
-    """One model and seed: train it, then its length sweep and its leak."""
+def compare_run(run, lengths, threads=0):
+    """One model and seed: train it, then its length sweep and its leak. threads: torch's CPU threads
+    for this run (0: torch's default), so that runs at once share the cores instead of fighting for them."""
+    if threads:
+        torch.set_num_threads(threads)
     history = train(run, quiet=True)
     data = Data(run)
     sweep = length_sweep(run.out_dir, data, run, lengths) if lengths else {}
@@ -148,10 +151,14 @@ def compare(cfg):
         for m, s, run in jobs:
             done(m, s, compare_run(run, lengths))
     else:  # each run in a fresh process; the results are the same as one after another (a test checks)
-        with torch.multiprocessing.get_context('spawn').Pool(min(cfg.jobs, len(jobs))) as pool:
-            pending = [(m, s, pool.apply_async(compare_run, (run, lengths))) for m, s, run in jobs]
+        workers = min(cfg.jobs, len(jobs))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with torch.multiprocessing.get_context('spawn').Pool(workers) as pool:
+            pending = [(m, s, pool.apply_async(compare_run, (run, lengths, threads))) for m, s, run in jobs]
             for m, s, r in pending:
                 done(m, s, r.get())
+            pool.close()  # let the workers exit by themselves: terminated ones leave semaphores behind
+            pool.join()
     bar.close()
     runs = {m: [results[m, s] for s in range(cfg.seeds)] for m in cfg.models.split(',')}
     with open(os.path.join(cfg.out_dir, 'compare.json'), 'w') as f:

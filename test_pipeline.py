@@ -848,3 +848,11 @@ def test_a_model_whose_lambda_is_zero_draws_an_empty_importance_panel(workdir):
 def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib now raises ImportError
     assert exit_message(plot.main, []) == 'error: plot.py draws with matplotlib, an optional extra: pip install matplotlib'
+
+
+def test_a_bench_shape_sets_its_flags_and_flags_given_win(workdir, capsys):
+    flags = ['--shape=tiny', '--n_layer=1', '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=2', '--iters=5',
+             '--device=cpu']
+    bench.main(flags)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert 'batch 2 x 32, 1 x 32, d_state 16, vocab 65' in header  # d_state, vocab from the shape; the rest given
