@@ -74,7 +74,7 @@ def time_steps(cfg, vocab):
         for block in model.transformer.h:  # w_a = 0 at init: every token decays by softplus(b_a)
             block.attn.a_bias.data.fill_(math.log(math.expm1(math.log(2) / cfg.half_life)))
     optimizer = model.configure_optimizers(cfg.weight_decay, 0.0, (cfg.beta1, cfg.beta2), device.type)
-    run = torch.compile(model) if use_compile(cfg, device) else model
+    run = torch.compile(model, mode=cfg.compile_mode) if use_compile(cfg, device) else model
     if world > 1:
         run = DDP(run, device_ids=[device.index] if device.type == 'cuda' else None)
     x = torch.randint(vocab, (cfg.batch_size, cfg.block_size), device=device,
@@ -132,7 +132,7 @@ def benchmark(cfg):
     half_life = f'half-life {cfg.half_life:g} tokens' if cfg.half_life else 'decays at init'
     if int(os.environ.get('RANK', 0)) == 0:
         print(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), torch {torch.__version__}, '
-              f'{pick_dtype(cfg.dtype, device)}, {"compiled" if use_compile(cfg, device) else "eager"}, batch {cfg.batch_size} x '
+              f'{pick_dtype(cfg.dtype, device)}, {"compiled, " + cfg.compile_mode if use_compile(cfg, device) else "eager"}, batch {cfg.batch_size} x '
               f'{cfg.block_size}, {cfg.n_layer} x {cfg.n_embd}, d_state {cfg.d_state}, vocab {vocab}, SISA kernel '
               f'{cfg.kernel}, dropout {cfg.dropout:g}, {half_life}')
     if 'RANK' in os.environ:  # torchrun: the one model of --attention, data-parallel, timed in these processes

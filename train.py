@@ -74,6 +74,7 @@ class TrainConfig:
     device: str = opt('auto', "'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = opt('auto', "'auto' (bf16 on CUDA, fp16 where bf16 is unsupported, else fp32), 'float32', 'bfloat16', 'float16'")
     compile: str = opt('auto', "torch.compile: 'auto' (on CUDA), True or False")
+    compile_mode: str = opt('default', "torch.compile's mode: 'default', or 'reduce-overhead' (CUDA graphs: fewer launches)")
     seed: int = opt(1337, 'one seed for init and data order, so runs differ only in what you change')
     sample_tokens: int = opt(120, 'tokens to sample at the end (0: none)')
 
@@ -86,7 +87,8 @@ class TrainConfig:
                      choices=dict(init_from=('scratch', 'resume'), attention=('sisa', 'softmax'),
                                   kernel=('auto', 'triton', 'sdpa'), sisa_offset=('exact', 'paper'),
                                   dtype=('auto', 'float32', 'bfloat16', 'float16'),
-                                  compile=('auto', 'True', 'False', 'true', 'false', '1', '0')))
+                                  compile=('auto', 'True', 'False', 'true', 'false', '1', '0'),
+                                  compile_mode=('default', 'reduce-overhead', 'max-autotune')))
         if not 0 <= self.dropout < 1:
             raise ValueError(f'--dropout must be in [0, 1), got {self.dropout}')
 
@@ -176,11 +178,11 @@ def save_checkpoint(path, ckpt):
     os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint or the new one, never half of one
 
 
-def compiled_or_eager(model, batch, ctx):
+def compiled_or_eager(model, batch, ctx, mode='default'):
     """torch.compile(model), tried on one forward and backward, since compilation happens at the
     first call; where it fails (Windows, some Pythons, MPS) training goes on uncompiled."""
     try:
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=mode)
         with ctx:
             _, loss = compiled(*batch)
         loss.backward()
@@ -318,7 +320,9 @@ def train(cfg, quiet=False):
     raw_model, optimizer = init_model(cfg, ckpt, data.meta['vocab_size'], device)
     iter_num, best_val_loss = (ckpt['iter_num'], ckpt['best_val_loss']) if ckpt else (0, float('inf'))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # fp16 needs loss scaling; bf16 does not
-    model = compiled_or_eager(raw_model, data.batch('train', 0, device), ctx) if use_compile(cfg, device) else raw_model
+    model = raw_model
+    if use_compile(cfg, device):
+        model = compiled_or_eager(raw_model, data.batch('train', 0, device), ctx, cfg.compile_mode)
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
