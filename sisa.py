@@ -189,10 +189,10 @@ def sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p=0.0):
         (b, h, l, d_h)
     """
     s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]  # (1, h, 1, 1)
-    Cbar = (g[..., None] - c).exp() * RC                                   # (b, h, l, d_s)
-    Bbar = (c - g[..., None]).exp() * RB                                   # (b, h, l, d_s)
-    Qhat = torch.cat([q, (s * Cbar).to(q.dtype)], dim=-1)                  # (b, h, l, d_h + d_s)
-    Khat = torch.cat([k, (s * Bbar).to(k.dtype)], dim=-1)                  # (b, h, l, d_h + d_s)
+    sCbar = (g[..., None] - c).exp() * (s * RC)                           # s Cbar: (b, h, l, d_s)
+    sBbar = (c - g[..., None]).exp() * (s * RB)                           # s Bbar: (b, h, l, d_s)
+    Qhat = torch.cat([q, sCbar.to(q.dtype)], dim=-1)                       # (b, h, l, d_h + d_s)
+    Khat = torch.cat([k, sBbar.to(k.dtype)], dim=-1)                       # (b, h, l, d_h + d_s)
     return sdpa(Qhat, Khat, v, dropout_p=dropout_p, is_causal=True, scale=1 / math.sqrt(q.size(-1)))
 
 
@@ -205,8 +205,7 @@ def sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
     each chunk with its own offset: the cumulative decay at its first query. Keys from the
     far past underflow to 0, which is their true weight. Each chunk is one SDPA call with a
     lower-right causal mask, so a head that forgets N nats per block costs about N / 80
-    calls: fine for the short blocks of a CPU; the fused kernel does it in one launch.
-    Args and Returns: as sisa_attention.
+    calls: fine for the short blocks of a CPU; the fused kernel does it in one launch. Args, Returns: as sisa_attention.
     """
     g, RC, RB = ssm_channels(C, B, log_alpha, theta)
     span = g[..., 0] - g[..., -1]  # (b, h); g never increases
@@ -215,16 +214,16 @@ def sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
         c = ((g[..., 0] + g[..., -1]) / 2)[..., None, None]  # the midpoint: both factors in range
         return sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p)
     s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]
-    out, l, i0 = [], q.size(-2), 0
+    sRC, sRB, out, l, i0 = s * RC, s * RB, [], q.size(-2), 0
     while i0 < l:
         # longest chunk whose decay span fits, for every sequence and head
         chunk_span = (g[..., i0, None] - g[..., i0:]).amax(dim=(0, 1))  # (l - i0,)
         i1 = i0 + max(1, int((chunk_span <= limit).sum()))
         c = g[..., i0, None, None]
-        Cbar = (g[..., i0:i1, None] - c).exp() * RC[..., i0:i1, :]   # queries i0 .. i1-1
-        Bbar = (c - g[..., :i1, None]).exp() * RB[..., :i1, :]       # keys 0 .. i1-1
-        Qhat = torch.cat([q[..., i0:i1, :], (s * Cbar).to(q.dtype)], dim=-1)
-        Khat = torch.cat([k[..., :i1, :], (s * Bbar).to(k.dtype)], dim=-1)
+        sCbar = (g[..., i0:i1, None] - c).exp() * sRC[..., i0:i1, :]   # queries i0 .. i1-1
+        sBbar = (c - g[..., :i1, None]).exp() * sRB[..., :i1, :]       # keys 0 .. i1-1
+        Qhat = torch.cat([q[..., i0:i1, :], sCbar.to(q.dtype)], dim=-1)
+        Khat = torch.cat([k[..., :i1, :], sBbar.to(k.dtype)], dim=-1)
         mask = torch.ones(i1 - i0, i1, dtype=torch.bool, device=q.device).tril(diagonal=i0)
         out.append(sdpa(Qhat, Khat, v[..., :i1, :], attn_mask=mask, dropout_p=dropout_p,
                         scale=1 / math.sqrt(q.size(-1))))
@@ -292,9 +291,11 @@ def paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, bound=1
         import sisa_kernel
         cumsum = sisa_kernel.cumsum
     g, RC, RB = ssm_channels(C, B, log_alpha, theta, cumsum=cumsum)
-    c = ((g.amax(-1, keepdim=True) + g.amin(-1, keepdim=True)) / 2)[..., None]  # (b, h, 1, 1)
-    g_clamped = c[..., 0] + (g - c[..., 0]).clamp(-bound, bound)
-    return sisa_attention_sdpa(q, k, v, g_clamped, RC, RB, lam, c, dropout_p)
+    s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]
+    gc = (g - (g.amax(-1, keepdim=True) + g.amin(-1, keepdim=True)) / 2).clamp(-bound, bound)[..., None]
+    Qhat = torch.cat([q, (gc.exp() * s * RC).to(q.dtype)], dim=-1)
+    Khat = torch.cat([k, ((-gc).exp() * s * RB).to(k.dtype)], dim=-1)
+    return sdpa(Qhat, Khat, v, dropout_p=dropout_p, is_causal=True, scale=1 / math.sqrt(q.size(-1)))
 
 
 # -----------------------------------------------------------------------------
