@@ -769,6 +769,17 @@ def test_a_model_step_on_the_fused_kernel_is_one_graph_for_torch_compile(device)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
+def test_a_training_step_with_attention_dropout_on_the_fused_kernel_is_one_graph(device):
+    # the kernel's dropout seed is a tensor drawn inside the graph: no sync, no break, no recompile per step
+    if 'triton' not in kernels(device):
+        pytest.skip(f'no Triton kernel on {device.type}')
+    torch._dynamo.reset()
+    model = fast_model(device, 'triton', block_size=32 if device.type == 'cpu' else 256, dropout=0.2).train()
+    idx = torch.randint(0, 50, (2, model.config.block_size), device=device)
+    explained = torch._dynamo.explain(model)(idx, idx)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
 @pytest.mark.parametrize("attention", ["sisa", "softmax"])
 def test_one_compiled_training_step_equals_the_eager_one(device, attention):
     # on the CPU the fused kernel runs interpreted, and the whole step is still one graph
