@@ -237,6 +237,7 @@ def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='
     Args:
         q, k, v: (b, h, l, d_h), RoPE already applied to q and k
         C, B, log_alpha, theta, lam: as importance_naive
+        dropout_p: attention dropout, as SDPA's: each weight of the softmax kept with probability 1 - p
         kernel: 'auto', 'triton' or 'sdpa' (see fused_kernel)
         offset: 'exact', or 'paper' for the ablation of the paper's recipe (paper_attention)
     Returns:
@@ -244,22 +245,22 @@ def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='
     """
     if offset == 'paper':
         return paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p)
-    if fused_kernel(kernel, q.device, dropout_p):
+    if fused_kernel(kernel, q.device):
         import sisa_kernel  # imports Triton: only where it is used
         g, RC, RB = sisa_kernel.channels(C, B, log_alpha, theta)  # ssm_channels, fused
-        return sisa_kernel.sisa_attention_fused(q, k, v, RC, RB, g, lam)
+        return sisa_kernel.sisa_attention_fused(q, k, v, RC, RB, g, lam, dropout_p)
     return sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p)
 
 
 HAS_TRITON = importlib.util.find_spec('triton') is not None  # looked up once: torch.compile cannot trace it
 
 
-def fused_kernel(kernel, device, dropout_p=0.0):
-    """Whether sisa_attention runs sisa_kernel.py's fused kernel instead of the SDPA form.
+def fused_kernel(kernel, device):
+    """Whether sisa_attention runs sisa_kernel.py's fused kernel (attention dropout too) instead of the SDPA form.
 
-    'sdpa': never. 'auto': on CUDA (compute capability 7.0 or newer) where Triton is installed
-    and dropout is off. 'triton': always, and a clear error where it cannot run (CUDA, or the
-    CPU under TRITON_INTERPRET=1, Triton's interpreter, which the tests use): never a silent fallback.
+    'sdpa': never. 'auto': on CUDA (compute capability 7.0 or newer) where Triton is installed.
+    'triton': always, and a clear error where it cannot run (CUDA, or the CPU under
+    TRITON_INTERPRET=1, Triton's interpreter, which the tests use): never a silent fallback.
     """
     if kernel not in ('auto', 'triton', 'sdpa'):
         raise ValueError(f"kernel must be 'auto', 'triton' or 'sdpa', got {kernel!r}")
@@ -270,8 +271,6 @@ def fused_kernel(kernel, device, dropout_p=0.0):
         why = 'Triton is not installed (it comes with PyTorch for CUDA on Linux)'
     elif device.type != 'cuda' and not (kernel == 'triton' and os.environ.get('TRITON_INTERPRET') == '1'):
         why = f'it runs on CUDA, not on {device.type}'
-    elif dropout_p > 0:
-        why = 'it has no attention dropout'
     elif device.type == 'cuda' and torch.cuda.get_device_properties(device).major < 7:
         why = 'Triton needs a GPU of compute capability 7.0 or newer (Volta on)'
     if why and kernel == 'triton':

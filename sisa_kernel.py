@@ -33,12 +33,22 @@ sums its side from the exact rounded products the scores used, and all three ker
 the same offset for a pair: then the pairs cancel to fp32 rounding. (Offsets picked per tile,
 different in each kernel, left 16-bit rounding in every pair: docs/performance.md.)
 
+Attention dropout is SDPA's: P = softmax(scores) over all the keys, then each P_ij is kept with
+probability 1 - p and scaled by 1 / (1 - p); Z_ij is that factor, 0 or 1 / (1 - p). The forward pass
+sums every weight into the softmax's denominator and only the kept ones into o, so the saved
+log-sum-exp is the softmax's. The backward pass is flash attention 2's: dV_j = sum_i P_ij Z_ij dO_i,
+dP_ij = Z_ij dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i), delta_i = o_i . do_i of the dropped o;
+dS feeds dq, dk and the importance's gradients as without dropout. The mask is never stored: every
+kernel draws it again from Philox (tl.rand), keyed by a seed tensor and the (batch, head), at the
+counter i l + j of the pair (_kept). Without dropout the flag DROPOUT compiles none of this.
+
 `sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the SDPA form
 and to an fp64 evaluation of the score (on the CPU under TRITON_INTERPRET=1). `channels` gives
 it g, R(Phi) C and R(Phi) B: sisa.py's `ssm_channels` (two scans and a rotation) fused, tested
 against it in fp64. `cumsum` is torch.cumsum as one Triton scan, for the paper-offset path.
 """
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -46,7 +56,7 @@ import triton.language as tl
 from torch.nn import functional as F
 
 
-def sisa_attention_fused(q, k, v, RC, RB, g, lam):
+def sisa_attention_fused(q, k, v, RC, RB, g, lam, dropout_p=0.0):
     """softmax(q.k / sqrt(d_h) + lambda exp(g_i - g_j) RC_i . RB_j + causal mask) v in one kernel.
 
     Args:
@@ -55,14 +65,34 @@ def sisa_attention_fused(q, k, v, RC, RB, g, lam):
         RC, RB: (b, h, l, d_s), R(Phi) C and R(Phi) B (sisa.ssm_channels)
         g: (b, h, l), the cumulative log decay
         lam: (h,), lambda
+        dropout_p: attention dropout as SDPA's: each weight of the softmax kept with probability
+            1 - dropout_p and then scaled by 1 / (1 - dropout_p), the mask drawn from torch's generator
     Returns:
         (b, h, l, d_h)
     """
-    d_h = q.size(-1)
+    d_h, l = q.size(-1), q.size(-2)
+    if dropout_p > 0 and l * l > 2**31:
+        raise ValueError(f'dropout in the fused kernel counts the pairs (i, j) in int32: l <= 46340, got {l}')
+    seed = dropout_seed(q.device) if dropout_p > 0 else None
     q, k, v = (_pad_to_pow2(t) for t in (q, k, v))
     RC, RB = (_pad_to_pow2(t.float()).contiguous() for t in (RC, RB))  # fp32: see _launch
-    o, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam.float().contiguous(), 1.0 / math.sqrt(d_h))
+    o, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam.float().contiguous(), seed,
+                      1.0 / math.sqrt(d_h), dropout_p)
     return o[..., :d_h]
+
+
+def dropout_seed(device):
+    """The seed of one call's dropout mask, from torch's generator on device. A tensor, which the kernels
+    load: a compiled step draws it inside its graph, with no sync and no recompile for a new seed."""
+    return torch.randint(2**31 - 1, (1,), device=device)
+
+
+def dropout_mask(seed, b, h, l, dropout_p):
+    """The keep mask that the attention kernels draw from seed for (b, h, l, .) inputs: (b, h, l, l) bool,
+    the causal mask not applied. For the tests, which hold the kernel to a reference with this very mask."""
+    keep = torch.empty(b * h, l, l, dtype=torch.int8, device=seed.device)
+    _dropout_mask[(triton.cdiv(l, 16), b * h)](seed, keep, l, dropout_p, ROWS=16, WIDTH=triton.next_power_of_2(l))
+    return keep.view(b, h, l, l).bool()
 
 
 def channels(C, B, log_alpha, theta):
@@ -96,7 +126,8 @@ def cumsum(x, dim, reverse=False):
 #   _backward_dkdv       dk, dv, dL/dRB, dL/dg = query side - key side (_dkdv_step)
 #   shared helpers       _scores: score_ij of a tile; _channel, _decayed, _tf32: C and B tiles as the
 #                        dots read them; _forgotten, _remembered_keys, _remembered_queries: the key
-#                        blocks whose importance is 0 in fp32
+#                        blocks whose importance is 0 in fp32; _dropout_key, _kept: the dropout mask, drawn
+#                        again by each kernel (_dropout_mask: the same, written out for the tests)
 # channels, sisa.ssm_channels
 #   _channels_forward    g = cumsum log_alpha, Phi = cumsum theta, then R(Phi) C and R(Phi) B
 #   _channels_backward   dL/dC, dL/dB through R(Phi)^T, and dL/dPhi
@@ -248,13 +279,27 @@ def _remembered_queries(G, block_end, L, BLOCK: tl.constexpr, BLOCKS: tl.constex
     return tl.max(tl.where(remembered, qb + 1, block_end // BLOCK)) * BLOCK
 
 
+@triton.jit
+def _dropout_key(SEED, bh):
+    """Philox's 64-bit key for one (batch, head)'s dropout mask: the call's seed (31 bits) in the high
+    word, bh in the low one, so that every head of every seed draws its own stream."""
+    return (tl.load(SEED).to(tl.int64) << 32) + bh
+
+
+@triton.jit
+def _kept(key, i, j, L, dropout_p):
+    """Which weights P_ij of a (rows, cols) tile dropout keeps, each with probability 1 - dropout_p: Philox's
+    uniform draw at the counter i L + j, which stays below 2^31 (sisa_attention_fused checks l)."""
+    return tl.rand(key, i[:, None] * L + j[None, :]) >= dropout_p
+
+
 # -----------------------------------------------------------------------------
 # forward: one program per (query tile, batch x head); online softmax over key tiles
 
 @triton.jit
-def _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale, i, n0, L,
-                  DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-                  IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr):
+def _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale, i, n0, L, key,
+                  dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
+                  IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     j = n0 + tl.arange(0, BLOCK_N)
     k, v = _rows(K, j, L, stride_kl, DH), _rows(V, j, L, stride_vl, DH)
     b_tile, g_k = k, g_q  # unused without the importance
@@ -269,20 +314,23 @@ def _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:  # the denominator above sums every weight, o only the kept ones
+        p = tl.where(_kept(key, i, j, L, dropout_p), p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _forward(Q, K, V, C, B, G, LAM, O, LSE, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
-             stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol, H, L, scale,
+             stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol, H, L, scale, SEED, dropout_p,
              DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
+             BLOCKS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous; C is R(Phi) C, lambda applied here.
     BLOCK_M and BLOCK_N divide BLOCK, the length of the blocks that decide each pair's offset;
-    BLOCKS is a power of two, at least the number of blocks in L."""
+    BLOCKS is a power of two, at least the number of blocks in L. SEED and dropout_p: DROPOUT's mask."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
+    key = _dropout_key(SEED, bh) if DROPOUT else 0
     z, h = bh // H, bh % H
     Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
     O = O + z * stride_ob + h * stride_oh
@@ -301,19 +349,23 @@ def _forward(Q, K, V, C, B, G, LAM, O, LSE, stride_qb, stride_qh, stride_ql, str
     acc = tl.zeros([BLOCK_M, DH], tl.float32)
     for n0 in range(block_start, m0 + BLOCK_M, BLOCK_N):  # key tiles in the queries' block (pairwise)
         acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                                      i, n0, L, DH, DS, BLOCK_N, DIAGONAL=True, IMPORTANCE=True, PRECISION=PRECISION)
+                                      i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=True, IMPORTANCE=True,
+                                      PRECISION=PRECISION, DROPOUT=DROPOUT)
     for n0 in range(n1, block_start, BLOCK_N):           # key tiles in earlier blocks
         acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                                      i, n0, L, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=True, PRECISION=PRECISION)
+                                      i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=True,
+                                      PRECISION=PRECISION, DROPOUT=DROPOUT)
     if n1 > 0:  # (the branch spares the loop's setup where nothing is forgotten, as at init)
         for n0 in range(0, n1, BLOCK_N):                 # key tiles in forgotten blocks: q.k alone
             acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, stride_kl, stride_vl, g_q, c0,
-                                          scale, i, n0, L, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=False,
-                                          PRECISION=PRECISION)
+                                          scale, i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=False,
+                                          IMPORTANCE=False, PRECISION=PRECISION, DROPOUT=DROPOUT)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_i[:, None]
+    if DROPOUT:
+        o = o / (1.0 - dropout_p)  # the kept weights' factor Z; the log-sum-exp below stays the softmax's
     d = tl.arange(0, DH)
-    tl.store(O + i[:, None] * stride_ol + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=i[:, None] < L)
+    tl.store(O + i[:, None] * stride_ol + d[None, :], o.to(O.dtype.element_ty), mask=i[:, None] < L)
     tl.store(LSE + i, m_i + tl.log2(l_i), mask=i < L)  # log2-sum-exp2 of the row's scores
 
 
@@ -324,8 +376,8 @@ def _forward(Q, K, V, C, B, G, LAM, O, LSE, stride_qb, stride_qh, stride_ql, str
 
 @triton.jit
 def _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale, i, n0, L,
-             DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-             IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr):
+             key, dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
+             IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     j = n0 + tl.arange(0, BLOCK_N)
     k, v = _rows(K, j, L, stride_kl, DH), _rows(V, j, L, stride_vl, DH)
     b_tile, g_k = k, g_q  # unused without the importance
@@ -337,6 +389,8 @@ def _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl
                 PRECISION=PRECISION)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:  # dP_ij = Z_ij dO_i . V_j: o saw the kept weights alone
+        dp = tl.where(_kept(key, i, j, L, dropout_p), dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     if IMPORTANCE:
@@ -349,14 +403,15 @@ def _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl
 @triton.jit
 def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, stride_qb, stride_qh, stride_ql,
                  stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_dob, stride_doh, stride_dol,
-                 stride_ob, stride_oh, stride_ol, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
-                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 stride_ob, stride_oh, stride_ol, H, L, scale, SEED, dropout_p, DH: tl.constexpr,
+                 DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCKS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N. DO and DQ share the strides stride_do*.
     The offset for keys in earlier blocks is g at the queries' block's first row, as in _forward.
     Writes dL/dR(Phi)C (lambda applied) and this tile's share of dL/dlambda, sum R(Phi)C . dC."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
+    key = _dropout_key(SEED, bh) if DROPOUT else 0
     z, h = bh // H, bh % H
     Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
     O = O + z * stride_ob + h * stride_oh
@@ -379,16 +434,19 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, st
     if n1 > 0:  # first: placed after the loops below, it slowed the whole kernel (docs/performance.md)
         for n0 in range(0, n1, BLOCK_N):            # key tiles in forgotten blocks: q.k alone
             dq, dc = _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                              i, n0, L, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=False, PRECISION=PRECISION)
+                              i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=False,
+                              PRECISION=PRECISION, DROPOUT=DROPOUT)
     for n0 in range(block_start, m0 + BLOCK_M, BLOCK_N):  # key tiles in the queries' block (pairwise)
         dq, dc = _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                          i, n0, L, DH, DS, BLOCK_N, DIAGONAL=True, IMPORTANCE=True, PRECISION=PRECISION)
+                          i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=True, IMPORTANCE=True,
+                          PRECISION=PRECISION, DROPOUT=DROPOUT)
     dg = tl.sum(c_tile * dc, 1)     # sum_j dS_ij W_ij, from the very products the scores used
     c_off = _decayed(c_tile, g_q, c0, 1 / scale, PRECISION=PRECISION)  # exp(g_i - c0) <= 1, as in _forward
     dc_off = tl.zeros([BLOCK_M, DS], tl.float32)
     for n0 in range(n1, block_start, BLOCK_N):      # key tiles in earlier blocks
         dq, dc_off = _dq_step(dq, dc_off, q, do, c_off, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                              i, n0, L, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=True, PRECISION=PRECISION)
+                              i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=True,
+                              PRECISION=PRECISION, DROPOUT=DROPOUT)
     dg += tl.sum(c_off * dc_off, 1) * scale
     dc += dc_off * tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)[:, None]  # c_off's factor (b_tile's is in dc_off)
     e = tl.arange(0, DS)
@@ -401,8 +459,8 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, st
 
 @triton.jit
 def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol, lam, g_k, scale, j, m0,
-               L, DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-               DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr):
+               L, key, dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+               DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     i = m0 + tl.arange(0, BLOCK_M)
     q, do = _rows(Q, i, L, stride_ql, DH), _rows(DO, i, L, stride_dol, DH)
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
@@ -417,8 +475,14 @@ def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql,
     s = _scores(q, k, c_tile, b_tile, g_q, g_k, scale, i, j, L, DIAGONAL=DIAGONAL, IMPORTANCE=IMPORTANCE,
                 PRECISION=PRECISION)
     p = tl.exp2(s - lse[:, None])                                  # (queries, keys)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    p_kept = p
+    if DROPOUT:  # v met the kept weights P_ij Z_ij alone, and the gradient returns through them
+        kept = _kept(key, i, j, L, dropout_p)
+        p_kept = tl.where(kept, p / (1.0 - dropout_p), 0.0)
+    dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:
+        dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])                                 # dL/dscore_ij
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     if IMPORTANCE:
@@ -436,15 +500,16 @@ def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql,
 @triton.jit
 def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, stride_qb, stride_qh, stride_ql,
                    stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_dob, stride_doh,
-                   stride_dol, H, L, scale, DH: tl.constexpr, DS: tl.constexpr,
+                   stride_dol, H, L, scale, SEED, dropout_p, DH: tl.constexpr, DS: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """BLOCK_N keys of one (batch, head), walking query tiles of BLOCK_M. DO, DK, DV share the strides stride_do*.
     Queries in the keys' block pair with them pairwise; query tiles in later blocks take the
     offset _forward took for them (g at their block's first row). Runs after _backward_dq,
     whose delta it reads and whose query-side sum for dL/dg it completes."""
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
+    key = _dropout_key(SEED, bh) if DROPOUT else 0
     z, h = bh // H, bh % H
     Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
     DO, DK, DV = DO + z * stride_dob + h * stride_doh, DK + z * stride_dob + h * stride_doh, \
@@ -464,12 +529,12 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, s
     dg = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(n0 - n0 % BLOCK_M, block_end, BLOCK_M):  # query tiles in the keys' block (pairwise)
         dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol,
-                                    lam, g_k, scale, j, m0, L, DH, DS, BLOCK, BLOCK_M,
-                                    DIAGONAL=True, IMPORTANCE=True, PRECISION=PRECISION)
+                                    lam, g_k, scale, j, m0, L, key, dropout_p, DH, DS, BLOCK, BLOCK_M,
+                                    DIAGONAL=True, IMPORTANCE=True, PRECISION=PRECISION, DROPOUT=DROPOUT)
     for m0 in range(block_end, m1, BLOCK_M):        # query tiles in later blocks
         dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol,
-                                    lam, g_k, scale, j, m0, L, DH, DS, BLOCK, BLOCK_M,
-                                    DIAGONAL=False, IMPORTANCE=True, PRECISION=PRECISION)
+                                    lam, g_k, scale, j, m0, L, key, dropout_p, DH, DS, BLOCK, BLOCK_M,
+                                    DIAGONAL=False, IMPORTANCE=True, PRECISION=PRECISION, DROPOUT=DROPOUT)
     e = tl.arange(0, DS)
     tl.store(DB + j[:, None] * DS + e[None, :], db.to(DB.dtype.element_ty), mask=j[:, None] < L)
     # dL/dg_j = sum_i dS_ji W_ji - sum_i dS_ij W_ij: the query side from _backward_dq, the key side here
@@ -479,12 +544,23 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, s
         dk_far, dv_far = tl.zeros([BLOCK_N, DH], tl.float32), tl.zeros([BLOCK_N, DH], tl.float32)
         for m0 in range(m1, L, BLOCK_M):
             dk_far, dv_far, db, dg = _dkdv_step(dk_far, dv_far, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA,
-                                                stride_ql, stride_dol, lam, g_k, scale, j, m0, L, DH, DS, BLOCK,
-                                                BLOCK_M, DIAGONAL=False, IMPORTANCE=False, PRECISION=PRECISION)
+                                                stride_ql, stride_dol, lam, g_k, scale, j, m0, L, key, dropout_p,
+                                                DH, DS, BLOCK, BLOCK_M, DIAGONAL=False, IMPORTANCE=False,
+                                                PRECISION=PRECISION, DROPOUT=DROPOUT)
         dk, dv = dk + dk_far, dv + dv_far
     d = tl.arange(0, DH)
     tl.store(DK + j[:, None] * stride_dol + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
     tl.store(DV + j[:, None] * stride_dol + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
+
+
+@triton.jit
+def _dropout_mask(SEED, KEEP, L, dropout_p, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """ROWS rows of one (batch, head)'s keep mask, drawn as the attention kernels draw it, into (b h, l, l) int8."""
+    i, bh = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.program_id(1)
+    j = tl.arange(0, WIDTH)
+    kept = _kept(_dropout_key(SEED, bh), i, j, L, dropout_p)
+    mask = (i[:, None] < L) & (j[None, :] < L)
+    tl.store(KEEP + (bh * L + i[:, None]) * L + j[None, :], kept.to(tl.int8), mask=mask)
 
 
 # -----------------------------------------------------------------------------
@@ -508,9 +584,9 @@ def _empty_bhld(like):  # (b, h, l, d) laid out as (b, l, h, d): the model resha
     return torch.empty(b, l, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _launch(kernel, name, rows, q, RC, scale, *args):
+def _launch(kernel, name, rows, q, RC, scale, seed, dropout_p, *args):
     """kernel[grid](*args) with launch_config(name): a program per tile of `rows` ('BLOCK_M' or 'BLOCK_N')
-    rows, per batch x head.
+    rows, per batch x head. Without dropout (dropout_p 0, seed None) DROPOUT compiles the kernel without it.
 
     C and B stay fp32 whatever q's dtype, and their dots (the importance in every score, dC, dB)
     run in tf32 beside q.k's bf16 or fp16: lambda C.B can be several times q.k / sqrt(d_h), and
@@ -523,30 +599,32 @@ def _launch(kernel, name, rows, q, RC, scale, *args):
     meta = launch_config(name, q.device, d_s, l)
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
     blocks = max(triton.next_power_of_2(triton.cdiv(l, meta['BLOCK'])), 2)
-    kernel[(triton.cdiv(l, meta[rows]), b * h)](*args, h, l, scale, DH=d_h, DS=d_s, PRECISION=precision,
-                                                BLOCKS=blocks, **meta)
+    kernel[(triton.cdiv(l, meta[rows]), b * h)](*args, h, l, scale, seed, dropout_p, DH=d_h, DS=d_s,
+                                                PRECISION=precision, BLOCKS=blocks, DROPOUT=dropout_p > 0, **meta)
 
 
 @torch.library.custom_op('nanosisa::attention', mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, RC: torch.Tensor, RB: torch.Tensor,
-               g: torch.Tensor, lam: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               g: torch.Tensor, lam: torch.Tensor, seed: Optional[torch.Tensor], scale: float,
+               dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     o = _empty_bhld(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    _launch(_forward, 'forward', 'BLOCK_M', q, RC, scale, q, k, v, RC, RB, g, lam, o, lse,
+    _launch(_forward, 'forward', 'BLOCK_M', q, RC, scale, seed, dropout_p, q, k, v, RC, RB, g, lam, o, lse,
             *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(o))
     return o, lse
 
 
 @_attention.register_fake
-def _(q, k, v, RC, RB, g, lam, scale):
+def _(q, k, v, RC, RB, g, lam, seed, scale, dropout_p):
     return _empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op('nanosisa::attention_backward', mutates_args=())
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, RC: torch.Tensor,
                         RB: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                               torch.Tensor, torch.Tensor]:
+                        seed: Optional[torch.Tensor], scale: float, dropout_p: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
     dq, dk, dv = _empty_bhld(q), _empty_bhld(q), _empty_bhld(q)
     do = do.transpose(1, 2).contiguous().transpose(1, 2)  # the layout of dq, dk, dv
     # fp32: dlambda and dPhi are sums over the whole sequence of terms that nearly cancel
@@ -556,29 +634,29 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     query_tiles = triton.cdiv(q.size(2), launch_config('dq', q.device, RC.size(-1), q.size(2))['BLOCK_M'])
     dlam_tiles = torch.empty(q.size(0) * q.size(1), query_tiles, dtype=torch.float32, device=q.device)
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
-    _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, q, k, v, RC, RB, g, lam, o, do, lse,
+    _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, seed, dropout_p, q, k, v, RC, RB, g, lam, o, do, lse,
             delta, dq, dRC, dg_query, dlam_tiles, *strides, *_bhl(o))
-    _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, RC, scale, q, k, v, RC, RB, g, lam, do, lse,
+    _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, RC, scale, seed, dropout_p, q, k, v, RC, RB, g, lam, do, lse,
             delta, dg_query, dk, dv, dRB, dg, *strides)
     dlam = dlam_tiles.view(q.size(0), q.size(1), -1).sum((0, 2)).to(lam.dtype)  # one share per query tile
     return dq, dk, dv, dRC, dRB, dg, dlam
 
 
 @_attention_backward.register_fake
-def _(do, q, k, v, RC, RB, g, lam, o, lse, scale):
+def _(do, q, k, v, RC, RB, g, lam, o, lse, seed, scale, dropout_p):
     return (_empty_bhld(q), _empty_bhld(q), _empty_bhld(q), torch.empty_like(RC), torch.empty_like(RB),
             torch.empty_like(lse), torch.empty_like(lam))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, RC, RB, g, lam, scale = inputs
+    q, k, v, RC, RB, g, lam, seed, scale, dropout_p = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, RC, RB, g, lam, o, lse)
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, RC, RB, g, lam, o, lse, seed)  # the seed: the backward draws the same mask
+    ctx.scale, ctx.dropout_p = scale, dropout_p
 
 
 def _backward(ctx, do, dlse):
-    return *_attention_backward(do, *ctx.saved_tensors, ctx.scale), None
+    return *_attention_backward(do, *ctx.saved_tensors, ctx.scale, ctx.dropout_p), None, None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)

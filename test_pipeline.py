@@ -728,10 +728,10 @@ for arch, config, wide in ((75, K.SMALL, {}), (86, K.CONFIG, K.WIDE)):
         for name, fn in (('forward', K._forward), ('dq', K._backward_dq), ('dkdv', K._backward_dkdv)):
             meta = dict(config[name], **wide.get(d_s, {}).get(name, {}))
             consts = dict(DH=64, DS=d_s, BLOCK=config['BLOCK'], BLOCK_M=meta['BLOCK_M'], BLOCK_N=meta['BLOCK_N'],
-                          BLOCKS=32, PRECISION='tf32')
+                          BLOCKS=32, PRECISION='tf32', DROPOUT=False)
             sig = {a: 'constexpr' if a in consts else '*fp16' if a in ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV')
-                   else '*fp32' if a.isupper() and a not in ('H', 'L') else 'fp32' if a == 'scale' else 'i32'
-                   for a in fn.arg_names}
+                   else '*i64' if a == 'SEED' else '*fp32' if a.isupper() and a not in ('H', 'L')
+                   else 'fp32' if a in ('scale', 'dropout_p') else 'i32' for a in fn.arg_names}
             kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', arch, 32),
                                     options=dict(num_warps=meta['num_warps'], num_stages=meta['num_stages']))
             out.append((arch, d_s, name, kernel.metadata.shared))
@@ -764,6 +764,17 @@ def test_a_model_step_on_the_fused_kernel_is_one_graph_for_torch_compile(device)
         pytest.skip(f'no Triton kernel on {device.type}')
     torch._dynamo.reset()
     model = fast_model(device, 'triton', block_size=32 if device.type == 'cpu' else 256)
+    idx = torch.randint(0, 50, (2, model.config.block_size), device=device)
+    explained = torch._dynamo.explain(model)(idx, idx)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_a_training_step_with_attention_dropout_on_the_fused_kernel_is_one_graph(device):
+    # the kernel's dropout seed is a tensor drawn inside the graph: no sync, no break, no recompile per step
+    if 'triton' not in kernels(device):
+        pytest.skip(f'no Triton kernel on {device.type}')
+    torch._dynamo.reset()
+    model = fast_model(device, 'triton', block_size=32 if device.type == 'cpu' else 256, dropout=0.2).train()
     idx = torch.randint(0, 50, (2, model.config.block_size), device=device)
     explained = torch._dynamo.explain(model)(idx, idx)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons

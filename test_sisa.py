@@ -69,13 +69,15 @@ def reference_importance(C, B, log_alpha, theta, lam):
     return lam[None, :, None, None] * decay * (RC @ RB.transpose(-2, -1))
 
 
-def reference_attention(q, k, v, A):
-    """softmax(q.k / sqrt(d_h) + A + causal mask) @ v in fp64, with an explicit score matrix."""
+def reference_attention(q, k, v, A, dropout=None):
+    """softmax(q.k / sqrt(d_h) + A + causal mask) @ v in fp64, with an explicit score matrix.
+    dropout: (b, h, l, l), each weight's factor after the softmax (SDPA's: keep mask / (1 - p))."""
     q, k, v, A = q.double(), k.double(), v.double(), A.double()
     l = q.size(-2)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + A
     scores = scores.masked_fill(~torch.ones(l, l, dtype=torch.bool, device=q.device).tril(), -math.inf)
-    return scores.softmax(-1) @ v
+    weights = scores.softmax(-1)
+    return (weights if dropout is None else weights * dropout) @ v
 
 
 SHAPES = [(1, 1, 1, 2), (2, 3, 7, 2), (2, 2, 16, 8), (1, 4, 33, 16), (3, 2, 12, 4)]
@@ -398,10 +400,11 @@ def spanned_inputs(b, h, l, d_h, d_s, span, device, seed=0):
     return [t.to(device) for t in (q, k, v, C, B, log_alpha, theta, lam)]
 
 
-def check_against_fp64(device, kernel, dtype, b, h, l, d_h, d_s, span, tol, grad_tol, log_alpha=None):
+def check_against_fp64(device, kernel, dtype, b, h, l, d_h, d_s, span, tol, grad_tol, log_alpha=None, dropout_p=0.0):
     """sisa_attention in dtype, forward and backward, against the fp64 score built pairwise
     (reference_importance) on inputs rounded to dtype, so only the computation's error counts.
-    log_alpha, if given, replaces the decays spread evenly over `span` nats."""
+    log_alpha, if given, replaces the decays spread evenly over `span` nats. dropout_p (the fused
+    kernel): the reference drops the weights that the kernel's mask drops, read back by dropout_mask."""
     x = spanned_inputs(b, h, l, d_h, d_s, span, device)
     if log_alpha is not None:
         x[5] = log_alpha.to(x[5])
@@ -409,11 +412,18 @@ def check_against_fp64(device, kernel, dtype, b, h, l, d_h, d_s, span, tol, grad
     ref_device = device if device.type != 'mps' else torch.device('cpu')  # MPS has no fp64
     xs = [t.clone().requires_grad_() for t in x]
     xr = [t.detach().to(ref_device, torch.float64).requires_grad_() for t in x]
-    out = sisa_attention(*xs, kernel=kernel)
+    dropout = None
+    if dropout_p > 0:  # the kernel's seed is torch's first draw after manual_seed: draw it here too
+        import sisa_kernel
+        torch.manual_seed(0)
+        keep = sisa_kernel.dropout_mask(sisa_kernel.dropout_seed(device), b, h, l, dropout_p)
+        dropout = keep.to(ref_device, torch.float64) / (1 - dropout_p)
+        torch.manual_seed(0)
+    out = sisa_attention(*xs, kernel=kernel, dropout_p=dropout_p)
     assert out.dtype == dtype and out.shape == (b, h, l, d_h) and out.isfinite().all()
     w = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(ref_device)
     (out.to(ref_device, torch.float64) * w).sum().backward()
-    ref = reference_attention(*xr[:3], reference_importance(*xr[3:]))
+    ref = reference_attention(*xr[:3], reference_importance(*xr[3:]), dropout)
     (ref * w).sum().backward()
     rel = lambda a, e: ((a.to(e) - e).norm() / e.norm()).item()
     assert rel(out.detach().to(ref_device, torch.float64), ref.detach()) < tol
@@ -520,6 +530,61 @@ def test_sisa_attention_is_exact_for_every_state_width_and_odd_lengths(device, d
                            tol=TOLERANCES[dtype][0], grad_tol=TOLERANCES[dtype][1])
 
 
+def test_the_kernels_dropout_is_sdpas_with_the_mask_it_draws(device):
+    # P = softmax over all the keys, then each weight kept with probability 1 - p and scaled by 1 / (1 - p);
+    # every gradient too (dV from the kept weights, dP = Z dO.V, delta from the dropped o), in all three
+    # kinds of key tile: 3000 nats over 70 tokens leave the first block forgotten by the third
+    if 'triton' not in kernels(device):
+        pytest.skip('the fused kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1')
+    shape = dict(b=2, h=3, l=1000, d_h=64) if device.type == 'cuda' else dict(b=1, h=2, l=70, d_h=16)
+    check_against_fp64(device, 'triton', torch.float32, d_s=8, span=3000.0, tol=TOLERANCES[torch.float32][0],
+                       grad_tol=TOLERANCES[torch.float32][1], dropout_p=0.3, **shape)
+
+
+def test_the_kernels_dropout_keeps_each_weight_with_probability_one_minus_p(device):
+    # over the causal pairs: the rate within 5 standard errors of 1 - p, and two heads, or two sequences,
+    # agree on a weight as often as independent draws do (a stream shared between them would agree always)
+    if 'triton' not in kernels(device):
+        pytest.skip('the fused kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1')
+    import sisa_kernel
+    b, h, l = (4, 4, 512) if device.type == 'cuda' else (2, 2, 48)
+    causal = torch.ones(l, l, dtype=torch.bool, device=device).tril()
+    for p in (0.1, 0.5):
+        torch.manual_seed(0)
+        keep = sisa_kernel.dropout_mask(sisa_kernel.dropout_seed(device), b, h, l, p)[..., causal].float()
+        assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel()), p
+        same = (1 - p) ** 2 + p ** 2
+        for x, y in ((keep[0, 0], keep[0, 1]), (keep[0, 0], keep[1, 0])):
+            assert abs((x == y).float().mean().item() - same) < 5 * math.sqrt(same * (1 - same) / x.numel()), p
+
+
+def kernel_runs(device, x, w, seed, **kw):
+    """sisa_attention on the fused kernel after torch.manual_seed(seed): the output, a draw from torch's
+    generator after it, and every input's gradient for the loss (out * w).sum()."""
+    torch.manual_seed(seed)
+    xs = [t.clone().requires_grad_() for t in x]
+    out = sisa_attention(*xs, kernel='triton', **kw)
+    out.backward(w)
+    return [out.detach(), torch.rand(1, device=device)] + [t.grad for t in xs]
+
+
+def test_the_kernels_dropout_follows_torchs_seed_and_zero_draws_nothing(device):
+    # the same torch.manual_seed: the same output and gradients; another seed: another mask. Dropout 0
+    # is the kernel without dropout, bitwise, and leaves torch's generator as it found it.
+    if 'triton' not in kernels(device):
+        pytest.skip('the fused kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1')
+    x = [t.float() for t in spanned_inputs(1, 2, 16, 16, 4, 30.0, device)]
+    w = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    first, again, other = (kernel_runs(device, x, w, seed, dropout_p=0.2) for seed in (0, 0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first[:1] + first[2:], other[:1] + other[2:]))
+    without, zero = kernel_runs(device, x, w, 0), kernel_runs(device, x, w, 0, dropout_p=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(without, zero))
+    torch.manual_seed(0)
+    assert torch.equal(zero[1], torch.rand(1, device=device))  # no seed drawn
+    assert not torch.equal(first[0], zero[0])
+
+
 def test_the_fused_kernel_runs_where_it_can_and_says_why_where_it_cannot(monkeypatch):
     cpu = torch.device('cpu')
     assert fused_kernel('sdpa', cpu) is False and fused_kernel('auto', cpu) is False  # auto: CUDA only
@@ -527,9 +592,6 @@ def test_the_fused_kernel_runs_where_it_can_and_says_why_where_it_cannot(monkeyp
     with pytest.raises(ValueError, match="kernel='triton' cannot run here: .*use kernel='sdpa'"):
         fused_kernel('triton', cpu)
     if HAS_TRITON:
-        with pytest.raises(ValueError, match='dropout'):
-            fused_kernel('triton', torch.device('cuda'), dropout_p=0.1)
-        assert fused_kernel('auto', torch.device('cuda'), dropout_p=0.1) is False
         # Triton compiles for compute capability 7.0 on: an older GPU (a P100 is 6.0) takes the SDPA form
         for major, runs in ((6, False), (7, True), (9, True)):
             monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: SimpleNamespace(major=major))

@@ -311,7 +311,7 @@ def train(cfg, quiet=False):
               f"give a larger --max_iters to go on")
         return []
     if cfg.attention == 'sisa':
-        fused_kernel(cfg.kernel, device, cfg.dropout)  # --kernel=triton where it cannot run: say so before building
+        fused_kernel(cfg.kernel, device)  # --kernel=triton where it cannot run: say so before building
     check_out_dir(cfg.out_dir, rank)
     data = Data(cfg, rank)
     dtype = pick_dtype(cfg.dtype, device)
