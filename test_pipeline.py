@@ -426,7 +426,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(workdir):
 
 
 def test_training_goes_on_uncompiled_where_torch_compile_fails(workdir, monkeypatch, capsys):
-    def broken_compile(model):
+    def broken_compile(model, **kwargs):
         def call(*args, **kwargs):
             raise RuntimeError('no C++ compiler found')
         return call
