@@ -106,8 +106,8 @@ def plot_curves(out_dirs, path):
 def plot_attention(parts, tokens, head, path):
     """One row per layer: q.k / sqrt(d_h), the importance, and the softmax weights of one head."""
     import matplotlib.pyplot as plt
-    n = len(parts)
-    fig, axes = plt.subplots(n, 3, figsize=(15, 4.6 * n), squeeze=False)
+    n, side = len(parts), max(4.5, 0.12 * len(tokens))  # inches a panel: room for every token's label
+    fig, axes = plt.subplots(n, 3, figsize=(3 * side + 2, (side + 0.6) * n), squeeze=False)
     ticks = range(len(tokens))
     for layer, (row, p) in enumerate(zip(axes, parts)):
         panels = [('q.k / sqrt(d_h)', p['qk'], 'RdBu_r'), ('importance: lambda Cbar.Bbar', p['importance'], 'RdBu_r'),
@@ -119,8 +119,8 @@ def plot_attention(parts, tokens, head, path):
             hl = p['half_life'][head].item()
             ax.set_title(f'layer {layer}, head {head}: {title}' + (f' (half-life {hl:.0f})' if math.isfinite(hl) and
                                                                      'importance' in title else ''), fontsize=9)
-            ax.set_xticks(ticks, tokens, fontsize=5, rotation=90)
-            ax.set_yticks(ticks, tokens, fontsize=5)
+            ax.set_xticks(ticks, tokens, fontsize=6, rotation=90)
+            ax.set_yticks(ticks, tokens, fontsize=6)
             ax.set(xlabel='key', ylabel='query')
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
