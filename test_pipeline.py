@@ -867,3 +867,12 @@ def test_a_bench_shape_sets_its_flags_and_flags_given_win(workdir, capsys):
     bench.main(flags)
     header = capsys.readouterr().out.splitlines()[0]
     assert 'batch 2 x 32, 1 x 32, d_state 16, vocab 65' in header  # d_state, vocab from the shape; the rest given
+
+
+def test_the_lab_config_sets_the_lab_in_train_and_compare():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'lab.py')
+    cfg = parse_flags(tr.TrainConfig, [path], '')
+    assert (cfg.dataset, cfg.block_size, cfg.max_iters, cfg.eval_interval, cfg.out_dir) == ('needle48', 48, 2000, 100,
+                                                                                              'out-lab')
+    cfg = parse_flags(cp.CompareConfig, [path, '--seeds=5', '--jobs=2'], '')
+    assert (cfg.dataset, cfg.seeds, cfg.jobs) == ('needle48', 5, 2)
