@@ -165,6 +165,8 @@ def main(argv):
         benchmark(cfg)
     except (prepare_data.DataError, ValueError) as e:
         sys.exit(f'error: {e}')
+    except KeyboardInterrupt:
+        sys.exit('interrupted')
 
 
 if __name__ == '__main__':

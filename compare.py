@@ -180,6 +180,8 @@ def main(argv):
         compare(cfg)
     except (prepare_data.DataError, ValueError) as e:
         sys.exit(f'error: {e}')
+    except KeyboardInterrupt:
+        sys.exit('interrupted')
 
 
 if __name__ == '__main__':

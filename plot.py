@@ -155,6 +155,8 @@ def main(argv):
         print(f"wrote {os.path.join(out_dirs[0], 'curves.png')} and {os.path.join(out_dirs[0], 'attention.png')}")
     except (prepare_data.DataError, ValueError, OSError) as e:
         sys.exit(f'error: {e}')
+    except KeyboardInterrupt:
+        sys.exit('interrupted')
 
 
 if __name__ == '__main__':

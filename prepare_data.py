@@ -330,6 +330,8 @@ def main(argv=None):
     except DataError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a download in flight leaves no partial file (see download)
+        sys.exit('interrupted')
 
 if __name__ == '__main__':
     main()

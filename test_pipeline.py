@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import importlib.util
 import json
 import math
 import os
@@ -876,3 +877,14 @@ def test_the_lab_config_sets_the_lab_in_train_and_compare():
                                                                                               'out-lab')
     cfg = parse_flags(cp.CompareConfig, [path, '--seeds=5', '--jobs=2'], '')
     assert (cfg.dataset, cfg.seeds, cfg.jobs) == ('needle48', 5, 2)
+
+
+def test_ctrl_c_in_any_script_is_one_line(workdir, monkeypatch):
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+    scripts = [(pd, 'prepare_needle', pd.main), (cp, 'compare', cp.main), (bench, 'benchmark', bench.main)]
+    if importlib.util.find_spec('matplotlib'):  # plot.py stops before drawing without it (a test above)
+        scripts.append((plot, 'plot_curves', plot.main))
+    for module, name, fn in scripts:
+        monkeypatch.setattr(module, name, pressed)
+        assert exit_message(fn, []) == 'interrupted', module.__name__
