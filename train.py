@@ -269,11 +269,13 @@ class CtrlC:
         self.pressed = True
 
     def stopping(self):
-        if self.ddp:
-            flag = torch.tensor([float(self.pressed)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.pressed = flag.item() > 0
-        return self.pressed
+        if not self.ddp:
+            return self.pressed
+        flag = torch.tensor([float(self.pressed)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        agreed = flag.item() > 0
+        self.pressed |= agreed  # never cleared: a signal that lands during the all_reduce counts next step
+        return agreed
 
     def restore(self):
         signal.signal(signal.SIGINT, self.old)
@@ -323,12 +325,13 @@ def train(cfg, quiet=False):
     model = raw_model
     if use_compile(cfg, device):
         model = compiled_or_eager(raw_model, data.batch('train', 0, device), ctx, cfg.compile_mode)
+    how = 'eager' if model is raw_model else 'compiled'
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master and not quiet:
         print(f'{raw_model.config.attention}: {raw_model.get_num_params():,} parameters, {device} {dtype}, '
-              f'{tokens_per_iter:,} tokens per step, {"eager" if model is raw_model else "compiled"}')
+              f'{tokens_per_iter:,} tokens per step, {how}')
 
     def checkpoint():
         save_checkpoint(ckpt_path, dict(model=clean_state_dict(raw_model.state_dict()),
