@@ -1,5 +1,6 @@
 """
-Batches from a prepared dataset (python prepare_data.py writes it), and the needle task's score.
+Batches from a prepared dataset (python prepare_data.py writes it), the needle task's score, and the
+sample train.py prints at the end.
 
 Datasets are nanoGPT's layout: data/<name>/train.bin and val.bin, uint16 token ids, read
 through memmaps, and meta.pkl. The needle set also has each document's start and eval.json,
@@ -95,3 +96,17 @@ def needle_accuracy(model, data, prompts, device, ctx, batch_size=100):
             n = len(data.encode(chunk[0]['answer']))
             correct += (logits[:, L - n - 1:L - 1].argmax(-1) == x[:, L - n:]).all(-1).sum().item()
     return correct / len(prompts)
+
+
+def print_sample(model, data, device, ctx, n):
+    """What train.py shows at the end: the first held-out needle answered greedily, or n tokens of text."""
+    model.eval()
+    start = data.needles[0]['prompt'] if data.needles else '\n'
+    idx = torch.tensor([data.encode(start)], device=device)[:, -model.config.block_size:]
+    torch.manual_seed(0)
+    with ctx:  # the needle's answer greedily; text sampled (greedy text from a small model repeats one character)
+        out = model.generate(idx, len(data.needles[0]['answer']) if data.needles else n,
+                             temperature=0 if data.needles else 0.8, top_k=None if data.needles else 20)
+    print('sample:\n' + data.decode(out[0].tolist()))
+    if data.needles:
+        print(f"(the secret number was {data.needles[0]['answer']})")

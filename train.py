@@ -30,7 +30,7 @@ from tqdm import tqdm
 import prepare_data
 from configurator import (DTYPES, autocast, check_values, convert, estimate_mfu, opt, parse_flags, pick_device,
                           pick_dtype)
-from dataset import Data, needle_accuracy
+from dataset import Data, needle_accuracy, print_sample
 from sisa import GPT, GPTConfig, fused_kernel
 
 
@@ -401,19 +401,6 @@ def train(cfg, quiet=False):
     if ctrl_c.pressed:
         sys.exit(130)
     return history
-
-
-def print_sample(model, data, device, ctx, n):
-    model.eval()
-    start = data.needles[0]['prompt'] if data.needles else '\n'
-    idx = torch.tensor([data.encode(start)], device=device)[:, -model.config.block_size:]
-    torch.manual_seed(0)
-    with ctx:  # the needle's answer greedily; text sampled (greedy text from a small model repeats one character)
-        out = model.generate(idx, len(data.needles[0]['answer']) if data.needles else n,
-                             temperature=0 if data.needles else 0.8, top_k=None if data.needles else 20)
-    print('sample:\n' + data.decode(out[0].tolist()))
-    if data.needles:
-        print(f"(the secret number was {data.needles[0]['answer']})")
 
 
 def main(argv):
