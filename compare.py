@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import prepare_data
 from configurator import autocast, check_values, opt, parse_flags, pick_device, pick_dtype
-from dataset import Data, needle_accuracy
+from dataset import load_data, needle_accuracy
 from train import TrainConfig, load_checkpoint, load_model, train
 
 TITLES = {'sisa': 'SISA', 'softmax': 'Transformer', 'paper': "SISA, paper's offset"}
@@ -41,8 +41,8 @@ class CompareConfig(TrainConfig):
             raise ValueError(f"--models takes 'sisa', 'softmax' and 'paper', comma-separated; got {self.models!r}")
 
 
-def steps_to(history, level):
-    return next((h['iter'] for h in history if h.get('needle_acc', 0) >= level), None)
+def steps_to(history, level, score=lambda h: h.get('needle_acc', 0)):
+    return next((h['iter'] for h in history if score(h) >= level), None)
 
 
 def spread(values, fmt='{:.0f}'):
@@ -95,7 +95,7 @@ def compare_run(run, lengths, threads=0):
     if threads:
         torch.set_num_threads(threads)
     history = train(run, quiet=True)
-    data = Data(run)
+    data = load_data(run)
     sweep = length_sweep(run.out_dir, data, run, lengths) if lengths else {}
     return dict(history=history, sweep=sweep, leak=leak(run.out_dir, data, run))
 
@@ -112,7 +112,8 @@ def runs_of(cfg):
 
 def table(cfg, runs, lengths, needle):
     """The rows of the comparison: (name, one 'median [min, max]' per model)."""
-    steps = [h['iter'] for h in next(iter(runs.values()))[0]['history']]
+    history = next(iter(runs.values()))[0]['history']
+    steps = [h['iter'] for h in history]
     marks = sorted({steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]})
     column = lambda f, fmt: [spread([f(r) for r in runs[m]], fmt) for m in runs]
     rows = []
@@ -120,9 +121,20 @@ def table(cfg, runs, lengths, needle):
         rows += [(f'steps to {int(level * 100)}% needle', column(lambda r: steps_to(r['history'], level), '{:.0f}'))
                  for level in (0.5, 0.9, 1.0)]
         rows.append(('final needle accuracy', column(lambda r: r['history'][-1]['needle_acc'] * 100, '{:.1f}%')))
+    recall = history[0].get('recall_acc', {})
+    for level in (0.9, 0.99):
+        rows += [(f'steps to {level:.0%} recall at {L}', column(
+            lambda r: steps_to(r['history'], level, lambda h: h['recall_acc'][L]), '{:.0f}')) for L in recall]
+    rows += [(f'final recall at {L}', column(lambda r: r['history'][-1]['recall_acc'][L] * 100, '{:.1f}%'))
+             for L in recall]
     for s in marks:
         rows.append((f'val loss at step {s}',
                      column(lambda r: next(h['val_loss'] for h in r['history'] if h['iter'] == s), '{:.4f}')))
+    for L in history[0].get('probe', {}):  # the copy probe, first letter by step and whole value at the end
+        rows += [(f'probe at {L}, step {s}: first', column(lambda r: 100 * next(
+            h['probe'][L][0] for h in r['history'] if h['iter'] == s), '{:.1f}%')) for s in marks]
+        rows.append((f'probe at {L}, step {marks[-1]}: whole', column(lambda r: 100 * r['history'][-1]['probe'][L][1],
+                                                                     '{:.1f}%')))
     for L in lengths:
         rows.append((f'needle at length {L}' + (' (> block)' if L > cfg.block_size else ''),
                      column(lambda r: r['sweep'][L] * 100, '{:.1f}%')))
@@ -132,7 +144,7 @@ def table(cfg, runs, lengths, needle):
 
 
 def compare(cfg):
-    data = Data(cfg)
+    data = load_data(cfg)
     needle = data.needles is not None and cfg.eval_needles > 0
     lengths = [L for L in (cfg.block_size * f // 4 for f in (1, 2, 3, 4, 5, 6))
                if L >= prepare_data.needle_min_len(data.meta.get('n_digits', 2))] if needle else []
@@ -143,9 +155,12 @@ def compare(cfg):
         results[m, s] = r
         bar.update(1)
         first = steps_to(r['history'], 1.0)
-        bar.write(f"{m} seed {cfg.seed + s}: val loss {r['history'][-1]['val_loss']:.4f}"
-                  + (f", needle {r['history'][-1]['needle_acc']:.0%}, "
-                     + ('never 100%' if first is None else f'first 100% at step {first}') if needle else ''))
+        last = r['history'][-1]
+        bar.write(f"{m} seed {cfg.seed + s}: val loss {last['val_loss']:.4f}"
+                  + (f", needle {last['needle_acc']:.0%}, "
+                     + ('never 100%' if first is None else f'first 100% at step {first}') if needle else '')
+                  + (', recall ' + '/'.join(f'{a:.0%}' for a in last['recall_acc'].values()) if 'recall_acc' in last
+                     else ''))
 
     if cfg.jobs == 1:
         for m, s, run in jobs:

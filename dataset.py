@@ -1,18 +1,26 @@
 """
-Batches from a prepared dataset (python prepare_data.py writes it), the needle task's score, and the
-sample train.py prints at the end.
+Batches from a prepared dataset (python prepare_data.py writes it), the needle task's score, the
+associative-recall tasks (made on the fly), and the sample train.py prints at the end.
 
 Datasets are nanoGPT's layout: data/<name>/train.bin and val.bin, uint16 token ids, read
 through memmaps, and meta.pkl. The needle set also has each document's start and eval.json,
-held-out prompts with their answers.
+held-out prompts with their answers. --dataset=recall and recall_forget need no files.
 """
 import json
+import math
 import os
+import random
+import string
 
 import numpy as np
 import torch
 
 import prepare_data
+
+
+def load_data(cfg, rank=0):
+    """The dataset cfg names: an associative-recall task, or a prepared one under data/."""
+    return Recall(cfg) if cfg.dataset in ('recall', 'recall_forget') else Data(cfg, rank)
 
 
 class Data:
@@ -34,7 +42,7 @@ class Data:
         self.meta = prepare_data.load_meta(self.dir)
         self.encode, self.decode = prepare_data.get_tokenizer(self.meta)
         self.block_size, self.batch_size, self.seed = cfg.block_size, cfg.batch_size, cfg.seed
-        self.starts = {}
+        self.starts, self.probes = {}, None
         for split in ('train', 'val'):
             n = len(self.memmap(split))
             if n < cfg.block_size + 1:
@@ -46,6 +54,9 @@ class Data:
                 self.starts[split] = starts[starts + cfg.block_size + 1 <= n]
         path = os.path.join(self.dir, 'eval.json')
         self.needles = json.load(open(path)) if os.path.exists(path) else None
+        if self.meta.get('probe') and cfg.eval_needles:  # the copying corpus: probe prompts at up to 3 lengths
+            self.probes = {L: probe_set(cfg.eval_needles, cfg.seed + 2, L) for L in
+                           (cfg.block_size // 4, cfg.block_size // 2, cfg.block_size) if L >= PROBE_MIN_LEN}
         if self.needles and self.meta['doc_len'] > cfg.block_size:
             raise prepare_data.DataError(
                 f"documents of {cfg.dataset} are up to {self.meta['doc_len']} tokens but block_size is "
@@ -75,8 +86,9 @@ class Data:
 
 
 @torch.no_grad()
-def needle_accuracy(model, data, prompts, device, ctx, batch_size=100):
-    """Fraction of prompts whose greedy answer is exactly the secret number.
+def needle_accuracy(model, data, prompts, device, ctx, batch_size=100, first=False):
+    """Fraction of prompts whose greedy answer is exactly the secret number (with first, whose
+    greedy answer begins with its first token).
 
     Greedy decoding gets every digit right iff, fed the true answer, the argmax is right at
     every digit, so one batched forward of prompt + answer decides it. Prompts are batched
@@ -94,13 +106,48 @@ def needle_accuracy(model, data, prompts, device, ctx, batch_size=100):
             with ctx:
                 logits, _ = model(x, x)  # targets given: logits at every position
             n = len(data.encode(chunk[0]['answer']))
-            correct += (logits[:, L - n - 1:L - 1].argmax(-1) == x[:, L - n:]).all(-1).sum().item()
+            k = 1 if first else n
+            correct += (logits[:, L - n - 1:L - n - 1 + k].argmax(-1) == x[:, L - n:L - n + k]).all(-1).sum().item()
     return correct / len(prompts)
+
+
+# the paper's zero-shot copy probe (its run_bench_original.py, in characters): filler text, one
+# sentence "{key} {VALUE}." early in it, and the prompt ends with the key phrase again. A model that
+# copies from its context answers with the value, which it never saw in training.
+PROBE_FILLER = 'The quick brown fox jumps over the lazy dog. '
+PROBE_MIN_LEN = 128  # room for the needle, the key at the end and some filler
+PROBE_KEYS = ('The secret code is', 'The password is', 'The answer is', 'The key number is', 'The magic word is')
+
+
+def probe_set(n, seed, length, value_len=5):
+    """n {'prompt', 'answer'} dicts, prompt and answer together `length` characters: the filler,
+    "{key} {VALUE}. " at a word start between character 5 and the filler's middle (the paper's
+    placement), then "{key} " at the end; the answer, VALUE, is value_len random capitals."""
+    rng = random.Random(seed)
+    probes = []
+    for _ in range(n):
+        key, value = rng.choice(PROBE_KEYS), ''.join(rng.choices(string.ascii_uppercase, k=value_len))
+        room = length - len(f'{key} {value}. ') - len(f'{key} ') - value_len
+        if room < len(PROBE_FILLER):
+            raise ValueError(f'a copy probe of {length} characters leaves no room for the filler')
+        filler = (PROBE_FILLER * (room // len(PROBE_FILLER) + 1))[:room]
+        at = rng.choice([i + 1 for i in range(4, room // 2) if filler[i] == ' '])
+        probes.append(dict(prompt=f'{filler[:at]}{key} {value}. {filler[at:]}{key} ', answer=value))
+    return probes
+
+
+def copy_probe(model, data, device, ctx):
+    """{length: [share of first letters right, share of whole values right]}, greedy, for the probes."""
+    return {str(L): [needle_accuracy(model, data, prompts, device, ctx, first=True),
+                     needle_accuracy(model, data, prompts, device, ctx)] for L, prompts in data.probes.items()}
 
 
 def print_sample(model, data, device, ctx, n):
     """What train.py shows at the end: the first held-out needle answered greedily, or n tokens of text."""
     model.eval()
+    if isinstance(data, Recall):
+        print('sample:')
+        return show_recall(model, data.meta, 1, 0, device, ctx)
     start = data.needles[0]['prompt'] if data.needles else '\n'
     idx = torch.tensor([data.encode(start)], device=device)[:, -model.config.block_size:]
     torch.manual_seed(0)
@@ -110,3 +157,109 @@ def print_sample(model, data, device, ctx, n):
     print('sample:\n' + data.decode(out[0].tolist()))
     if data.needles:
         print(f"(the secret number was {data.needles[0]['answer']})")
+
+
+# -----------------------------------------------------------------------------
+# associative recall: Zoology's multi-query associative recall (MQAR), the field's standard test of
+# whether a sequence model can look up what it was told. Pairs of random tokens, key then value,
+# then every key asked again among blanks; the loss and the score count the answers only (the
+# targets elsewhere are -1, which the model's cross-entropy ignores). In the forgetting variant
+# half of the keys get a new value later in the list, and the latest value is the answer.
+
+RECALL_VOCAB = 4096  # 0 is the blank; keys are 1 .. 2047, values 2048 .. 4095
+RECALL_MIN_LEN = 64
+HALF = RECALL_VOCAB // 2
+
+
+def recall_examples(rng, n, length, forget=False):
+    """n examples of `length` tokens as int64 arrays (x, y): y is -1 but where x is an asked key,
+    where it is that key's (latest) value. length // 16 distinct keys, each told once (and half of
+    them told again with another value, with forget), then all asked once each, in random order,
+    at random even offsets of the rest of the sequence."""
+    n_pairs = length // 16
+    rows = np.arange(n)[:, None]
+    keys = rng.random((n, HALF - 1)).argsort(1)[:, :n_pairs] + 1  # distinct keys per example
+    values = rng.integers(HALF, RECALL_VOCAB, size=(n, n_pairs))
+    x = np.zeros((n, length), dtype=np.int64)
+    y = np.full((n, length), -1, dtype=np.int64)
+    x[:, 0:2 * n_pairs:2], x[:, 1:2 * n_pairs:2] = keys, values
+    told = 2 * n_pairs
+    if forget:  # retell half of the keys, in random order, each with a value other than its first
+        again = rng.random((n, n_pairs)).argsort(1)[:, :n_pairs // 2]
+        new = HALF + (values[rows, again] - HALF + rng.integers(1, HALF, size=again.shape)) % HALF
+        x[:, told:told + 2 * again.shape[1]:2], x[:, told + 1:told + 2 * again.shape[1]:2] = keys[rows, again], new
+        values = values.copy()
+        values[rows, again] = new
+        told += 2 * again.shape[1]
+    asked = rng.random((n, n_pairs)).argsort(1)  # which key each query asks
+    slots = rng.random((n, (length - told) // 2)).argsort(1)[:, :n_pairs]
+    x[rows, told + 2 * slots] = keys[rows, asked]
+    y[rows, told + 2 * slots] = values[rows, asked]
+    return x, y
+
+
+class Recall:
+    """Associative-recall batches, made on the fly from (seed, stream, step, rank, split), as Data's are.
+    Each batch has one length from 64, 128, ... block_size, drawn at random, and block_size *
+    batch_size // length rows: every step trains on the same number of tokens and answers."""
+
+    def __init__(self, cfg):
+        if cfg.block_size < RECALL_MIN_LEN:
+            raise prepare_data.DataError(f'--dataset={cfg.dataset} needs --block_size of at least {RECALL_MIN_LEN}')
+        self.forget = cfg.dataset == 'recall_forget'
+        self.lengths = [RECALL_MIN_LEN << i for i in range(int(math.log2(cfg.block_size // RECALL_MIN_LEN)) + 1)]
+        self.meta = dict(tokenizer='recall', vocab_size=RECALL_VOCAB, forget=self.forget, lengths=self.lengths)
+        self.block_size, self.batch_size, self.seed = cfg.block_size, cfg.batch_size, cfg.seed
+        self.needles, self.probes = None, None
+
+    def batch(self, split, step, device, rank=0, stream=0, length=None):
+        rng = np.random.default_rng([self.seed, stream, step, rank, split == 'val'])
+        length = length or self.lengths[rng.integers(len(self.lengths))]
+        x, y = (torch.from_numpy(a) for a in recall_examples(rng, self.block_size * self.batch_size // length,
+                                                             length, self.forget))
+        if device.type == 'cuda':
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def recall_accuracy(model, data, device, ctx, batches):
+    """{length: the fraction of answers right}, each answer the argmax at its key, over `batches`
+    validation batches of every length (stream 3: not the batches of the loss estimate)."""
+    acc = {}
+    for L in data.lengths:
+        right = total = 0
+        for k in range(batches):
+            x, y = data.batch('val', k, device, stream=3, length=L)
+            with ctx:
+                logits, _ = model(x, y)
+            asked = y >= 0
+            right += (logits.argmax(-1)[asked] == y[asked]).sum().item()
+            total += asked.sum().item()
+        acc[str(L)] = right / total  # str: the same keys after a round trip through log.jsonl
+    return acc
+
+
+def recall_token(t):
+    return '.' if t == 0 else f'k{t}' if t < HALF else f'v{t - HALF}'
+
+
+@torch.no_grad()
+def show_recall(model, meta, n, seed, device, ctx):
+    """n fresh examples of the shortest length, written k12 for a key and v7 for a value (blanks
+    left out), each asked key followed by the model's answer, marked wrong where it is."""
+    x, y = (torch.from_numpy(a).to(device) for a in recall_examples(np.random.default_rng(seed), n,
+                                                                     meta['lengths'][0], meta['forget']))
+    with ctx:
+        logits, _ = model(x, y)
+    got = logits.argmax(-1)
+    for i in range(n):
+        words = []
+        for t, g, want in zip(x[i].tolist(), got[i].tolist(), y[i].tolist()):
+            if want >= 0:
+                words.append(f'{recall_token(t)}? {recall_token(g)}' + ('' if g == want else f' (wrong: {recall_token(want)})'))
+            elif t:
+                words.append(recall_token(t))
+        print(' '.join(words))
+    asked = y >= 0
+    print(f'--------------- {(got[asked] == y[asked]).sum().item()}/{asked.sum().item()} answers right')

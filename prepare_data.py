@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import random
+import string
 import sys
 import tempfile
 import urllib.error
@@ -182,6 +183,64 @@ def prepare_needle(out_dir='data', name='needle', doc_len=DOC_LEN, n_digits=N_DI
     return data_dir
 
 # -----------------------------------------------------------------------------
+# the copying corpus: short stories about made-up people, places and things whose names recur,
+# so that a language model gains by copying from earlier in the document, as it does in web text
+# where names and rare words come back. Generated offline; the same bytes for the same seed.
+# Names are Capitalized (every letter starts some), never all capitals: the copy probe's values
+# (dataset.py) are strings of capitals, unseen in training.
+
+ONSETS = ['', 'b', 'br', 'c', 'ch', 'd', 'dr', 'f', 'g', 'gr', 'h', 'j', 'k', 'kl', 'l', 'm', 'n', 'p', 'qu', 'r', 's', 'sh',
+          't', 'th', 'tr', 'v', 'w', 'x', 'y', 'z']
+VOWELS = ['a', 'e', 'i', 'o', 'u', 'ai', 'ou', 'ea']
+CODAS = ['', '', 'n', 'r', 'l', 'sk', 'th', 'x', 'm']
+ROLES = ['baker', 'sailor', 'farmer', 'weaver', 'doctor', 'singer', 'painter', 'miner', 'teacher', 'guard']
+ACTS = ['fixed', 'found', 'sold', 'painted', 'hid', 'lost', 'carried', 'cleaned', 'bought', 'borrowed']
+MOODS = ['happy', 'tired', 'quiet', 'angry', 'curious', 'proud', 'worried', 'calm']
+COPY_CHARS = sorted(set(string.ascii_letters + " .,'\n"))
+
+
+def made_up_word(rng, capital=True):
+    word = ''.join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(1, 3))) + rng.choice(CODAS)
+    return word.capitalize() if capital else word
+
+
+def copy_story(rng, length):
+    """One story of about `length` characters (a few sentences over), ending with a newline."""
+    people = []
+    for _ in range(rng.randint(2, 4)):
+        people.append(next(w for w in iter(lambda: made_up_word(rng), None) if w not in people))
+    place, thing = made_up_word(rng), made_up_word(rng, capital=False)
+    first = [f'{p} was a {rng.choice(ROLES)} from {place}.' for p in people] + [f'{people[0]} had a {thing}.']
+    rng.shuffle(first)
+    sentences, told = first, len(first)
+    while sum(len(s) + 1 for s in sentences) < length or len(sentences) < told + len(people):
+        a = people[(len(sentences) - told) % len(people)]  # each in turn: every name comes back
+        b = rng.choice([p for p in people if p != a])
+        sentences.append(rng.choice([
+            f'{a} {rng.choice(ACTS)} the {thing} of {b}.', f'In {place}, {a} met {b}.',
+            f'{a} was {rng.choice(MOODS)}, and {b} knew why.', f'Nobody in {place} had a {thing} like {a}.',
+            f"{b} said that {a} {rng.choice(ACTS)} a {thing}.", f'{a} and {b} walked to {place}.',
+            f"The {thing} of {a} was in {place}.", f'{a} asked {b} about the {thing}.',
+            f'Then {a} went home to {place}.', f'{a} was {rng.choice(MOODS)}.']))
+    return ' '.join(sentences) + '\n'
+
+
+def prepare_copy(out_dir='data', name='copy', n_train_docs=40000, n_val_docs=1000, doc_len=DOC_LEN * 8, seed=SEED):
+    """The copying corpus: stories of doc_len characters on average, train from seed, val from seed + 1."""
+    data_dir = os.path.join(out_dir, name)
+    os.makedirs(data_dir, exist_ok=True)
+    meta = {**char_meta(COPY_CHARS), 'dataset': 'copy', 'probe': True}
+    encode, _ = get_tokenizer(meta)
+    for split, n, split_seed in [('train', n_train_docs, seed), ('val', n_val_docs, seed + 1)]:
+        rng = random.Random(split_seed)
+        text = ''.join(copy_story(rng, rng.randint(doc_len // 2, doc_len * 3 // 2)) for _ in range(n))
+        write_split(data_dir, split, encode(text))
+        print(f'{split}: {n:,} stories, {len(text):,} tokens')
+    write_meta(data_dir, meta)
+    print(f'wrote {data_dir} (vocab {meta["vocab_size"]})')
+    return data_dir
+
+# -----------------------------------------------------------------------------
 # text files: shakespeare (downloaded once, checked by hash) or any local file
 
 def sha256_file(path):
@@ -278,12 +337,14 @@ def prepare_shakespeare(tokenizer='char', out_dir='data', url=SHAKESPEARE_URL):
     path = download(url, os.path.join(out_dir, name, 'input.txt'), SHAKESPEARE_SHA256, local_cmd=local_cmd)
     return prepare_text(read_text(path), name, tokenizer, out_dir)
 
-DATASETS = ['needle', 'shakespeare_char', 'shakespeare']
+DATASETS = ['needle', 'copy', 'shakespeare_char', 'shakespeare']
 
 def prepare(dataset='needle', out_dir='data', **kwargs):
     """Prepare a named dataset; kwargs go to prepare_needle or prepare_shakespeare. Returns data dir."""
     if dataset == 'needle':
         return prepare_needle(out_dir, **kwargs)
+    if dataset == 'copy':
+        return prepare_copy(out_dir, **kwargs)
     if dataset in ('shakespeare_char', 'shakespeare'):
         return prepare_shakespeare('char' if dataset == 'shakespeare_char' else 'gpt2', out_dir, **kwargs)
     raise DataError(f'unknown dataset {dataset!r}, expected one of {DATASETS} (or --input=file.txt)')

@@ -6,7 +6,8 @@ $ python sample.py --start="the secret number is 31. what is it? " --num_samples
 $ python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_k=20
 
 With no --start, a needle model is asked held-out questions (fresh documents, answered greedily,
-each marked right or wrong), and a text model samples from a newline, the start of a line of the data.
+each marked right or wrong), an associative-recall model answers fresh examples, and a text
+model samples from a newline, the start of a line of the data.
 """
 import sys
 import time
@@ -40,6 +41,7 @@ if __name__ == '__main__':  # read the flags before torch loads, so --help and a
 import torch  # noqa: E402 (after the flags: see above)
 
 import prepare_data  # noqa: E402
+from dataset import show_recall  # noqa: E402
 from train import load_checkpoint, load_model  # noqa: E402
 
 
@@ -98,7 +100,12 @@ def sample(cfg):
     if dtype == 'auto':
         dtype = 'bfloat16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
     torch.manual_seed(cfg.seed)
-    if not cfg.start and 'n_digits' in ckpt['meta']:  # a needle model
+    if ckpt['meta']['tokenizer'] == 'recall':  # an associative-recall model: tokens, not text
+        if cfg.start:
+            raise prepare_data.DataError('an associative-recall model reads no text; without --start it answers '
+                                         'fresh examples')
+        show_recall(model, ckpt['meta'], cfg.num_samples, cfg.seed, device, autocast(device, dtype))
+    elif not cfg.start and 'n_digits' in ckpt['meta']:  # a needle model
         ask_needles(model, ckpt['meta'], cfg, device, autocast(device, dtype))
     else:
         sample_text(model, ckpt['meta'], cfg, device, autocast(device, dtype))

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import socket
+import string
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import torch
 
 import bench
 import compare as cp
+import dataset as ds
 import plot
 import prepare_data as pd
 import sample as sp
@@ -333,7 +335,7 @@ def test_training_lowers_the_loss_and_logs_sisa_diagnostics(workdir):
 
 
 def test_attention_flag_trains_the_softmax_baseline_on_the_same_batches(workdir):
-    data = tr.Data(parse_flags(tr.TrainConfig, TINY, ''))
+    data = tr.load_data(parse_flags(tr.TrainConfig, TINY, ''))
     x1, y1 = data.batch('train', 3, torch.device('cpu'))
     x2, y2 = data.batch('train', 3, torch.device('cpu'))
     assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
@@ -348,7 +350,7 @@ def test_attention_flag_trains_the_softmax_baseline_on_the_same_batches(workdir)
 
 def test_needle_accuracy_is_exact_match_of_the_greedy_answer(workdir):
     cfg = parse_flags(tr.TrainConfig, TINY, '')
-    data = tr.Data(cfg)
+    data = tr.load_data(cfg)
     model = GPT(tr.model_config(cfg, data.meta['vocab_size'])).eval()
     prompts = data.needles[:8]
     ctx = torch.no_grad()
@@ -521,7 +523,7 @@ def test_the_leak_measure_sees_the_papers_offset_and_not_the_exact_one(workdir):
         os.makedirs(offset, exist_ok=True)
         tr.save_checkpoint(f'{offset}/ckpt.pt', ckpt)
     cfg = parse_flags(tr.TrainConfig, TINY, '')
-    data = tr.Data(cfg)
+    data = tr.load_data(cfg)
     exact, paper = cp.leak('exact', data, cfg), cp.leak('paper', data, cfg)
     assert exact['max_change'] < 1e-5 and exact['flips'] == 0
     assert paper['max_change'] > 1e-3
@@ -711,8 +713,186 @@ def test_a_kernel_that_cannot_run_here_is_refused_before_anything_is_built(workd
 def test_ctrl_c_before_training_begins_is_one_line(workdir, monkeypatch):
     def pressed(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(tr, 'Data', pressed)
+    monkeypatch.setattr(tr, 'load_data', pressed)
     assert exit_message(tr.main, TINY) == 'interrupted before training began; nothing was saved'
+
+
+# -----------------------------------------------------------------------------
+# associative recall (dataset.py): made on the fly, scored on the answers only
+
+def latest_values(row):
+    """{position of an asked key: its value}, found the slow way: the last telling of that key
+    (a key followed by a value) anywhere before it."""
+    answers = {}
+    for p, t in enumerate(row):
+        told = [row[j + 1] for j in range(p - 1) if row[j] == t and row[j + 1] >= ds.HALF]
+        if 0 < t < ds.HALF and told and (p + 1 == len(row) or row[p + 1] < ds.HALF):
+            answers[p] = told[-1]
+    return answers
+
+
+@pytest.mark.parametrize('forget', [False, True])
+def test_recall_asks_every_key_once_and_its_answer_is_the_latest_value(forget):
+    for length in (64, 128, 1024):
+        x, y = ds.recall_examples(np.random.default_rng(length), 6, length, forget)
+        n_pairs = length // 16
+        for row, target in zip(x.tolist(), y.tolist()):
+            keys = row[:2 * n_pairs:2]
+            assert len(set(keys)) == n_pairs and all(0 < k < ds.HALF for k in keys)
+            assert all(ds.HALF <= v < ds.RECALL_VOCAB for v in row[1:2 * n_pairs:2])
+            asked = {p: t for p, t in enumerate(target) if t >= 0}
+            assert sorted(row[p] for p in asked) == sorted(keys)  # each key asked once, nothing else scored
+            assert asked == latest_values(row)
+            retold = sum(row[j + 1] != row[row.index(row[j]) + 1] for j in range(2 * n_pairs, len(row) - 1, 2)
+                         if 0 < row[j] < ds.HALF and row[j + 1] >= ds.HALF)
+            assert retold == (n_pairs // 2 if forget else 0)  # half the keys told again, each with a new value
+
+
+def recall_flags(*flags):
+    return parse_flags(tr.TrainConfig, TINY + ['--dataset=recall', '--block_size=256', *flags], '')
+
+
+def test_recall_batches_hold_the_same_tokens_at_every_length_and_repeat_for_a_seed():
+    data = tr.load_data(recall_flags())
+    assert data.lengths == [64, 128, 256] and data.meta['vocab_size'] == ds.RECALL_VOCAB
+    cpu = torch.device('cpu')
+    shapes = {tuple(data.batch('train', k, cpu)[0].shape) for k in range(30)}
+    assert shapes == {(16, 64), (8, 128), (4, 256)}  # batch_size 4 x block 256 tokens each
+    a, b, c = data.batch('train', 7, cpu), data.batch('train', 7, cpu), data.batch('val', 7, cpu)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0][:len(a[0])])
+    other = tr.load_data(recall_flags('--seed=1')).batch('train', 7, cpu, length=64)
+    assert not torch.equal(data.batch('train', 7, cpu, length=64)[0], other[0])
+
+
+def test_the_loss_counts_the_answers_and_nothing_else():
+    cfg = recall_flags()
+    data = tr.load_data(cfg)
+    model = GPT(tr.model_config(cfg, ds.RECALL_VOCAB))
+    x, y = data.batch('train', 0, torch.device('cpu'), length=128)
+    logits, loss = model(x, y)
+    asked = y >= 0
+    assert asked.sum() == len(x) * 128 // 16
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits[asked], y[asked]))
+    grad, = torch.autograd.grad(loss, logits)
+    assert (grad[~asked] == 0).all() and (grad[asked] != 0).any()
+
+
+def test_recall_accuracy_is_100_for_a_model_that_looks_up_and_chance_for_one_that_does_not():
+    data = tr.load_data(recall_flags('--dataset=recall_forget'))
+
+    class LookUp(torch.nn.Module):  # answers every asked key with its latest value, read off the input
+        def forward(self, x, y):
+            logits = torch.zeros(*x.shape, ds.RECALL_VOCAB)
+            for i, row in enumerate(x.tolist()):
+                for p, v in latest_values(row).items():
+                    logits[i, p, v] = 1.0
+            return logits, None
+
+    class FirstValue(LookUp):  # the first telling: right only for the keys never retold
+        def forward(self, x, y):
+            logits = torch.zeros(*x.shape, ds.RECALL_VOCAB)
+            for i, row in enumerate(x.tolist()):
+                for p in latest_values(row):
+                    logits[i, p, row[row.index(row[p]) + 1]] = 1.0
+            return logits, None
+
+    class Guess(torch.nn.Module):  # ignores the context
+        def forward(self, x, y):
+            return torch.randn(*x.shape, ds.RECALL_VOCAB, generator=torch.Generator().manual_seed(0)), None
+
+    cpu, ctx = torch.device('cpu'), torch.no_grad()
+    assert ds.recall_accuracy(LookUp(), data, cpu, ctx, 2) == {'64': 1.0, '128': 1.0, '256': 1.0}
+    assert all(a == pytest.approx(0.5) for a in ds.recall_accuracy(FirstValue(), data, cpu, ctx, 2).values())
+    assert all(a < 0.01 for a in ds.recall_accuracy(Guess(), data, cpu, ctx, 2).values())
+
+
+def test_train_compare_and_sample_run_associative_recall(workdir, capsys):
+    flags = ['--dataset=recall_forget', '--block_size=128', '--max_iters=2', '--eval_interval=2']
+    history = run_train(*flags)
+    assert [sorted(h['recall_acc']) for h in history] == [['128', '64']] * 2
+    assert all(0 <= a <= 1 for a in history[-1]['recall_acc'].values())
+    assert tr.load_checkpoint('out/ckpt.pt')['meta']['forget'] is True
+    capsys.readouterr()
+    sp.main(['--num_samples=2'])
+    lines = capsys.readouterr().out.splitlines()
+    right, total = map(int, lines[-1].split()[1].split('/'))
+    assert total == 2 * 64 // 16 and sum(l.count('? ') for l in lines[:-1]) == total
+    assert sum(l.count('(wrong: ') for l in lines[:-1]) == total - right
+    assert 'reads no text' in exit_message(sp.main, ['--start=k1'])
+    cp.main(TINY + flags + ['--seeds=1', '--out_dir=cmp', '--models=sisa,softmax,paper'])
+    table = capsys.readouterr().out
+    assert all(row in table for row in ('steps to 90% recall at 64', 'steps to 99% recall at 128',
+                                        'final recall at 128'))
+
+
+# -----------------------------------------------------------------------------
+# the copying corpus (prepare_data.py) and the paper's copy probe (dataset.py)
+
+def test_the_copying_corpus_repeats_its_names_and_never_writes_two_capitals_in_a_row(tmp_path):
+    a, b = (pd.prepare_copy(str(tmp_path / d), n_train_docs=60, n_val_docs=10) for d in ('a', 'b'))
+    assert open(f'{a}/train.bin', 'rb').read() == open(f'{b}/train.bin', 'rb').read()
+    text = pd.get_tokenizer(pd.load_meta(a))[1](np.fromfile(f'{a}/train.bin', dtype=np.uint16).tolist())
+    stories = text.splitlines()
+    assert len(stories) == 60 and sum(map(len, stories)) / 60 == pytest.approx(pd.DOC_LEN * 8, rel=0.2)
+    for story in stories:  # every made-up name comes back: copying from earlier in the story pays
+        names = {w.strip('.,') for w in story.split() if w[0].isupper()} - {'In', 'Nobody', 'Then', 'The'}
+        assert names and all(story.count(n) >= 2 for n in names)
+    assert not any(c.isupper() and d.isupper() for c, d in zip(text, text[1:]))
+    assert {c for c in text if c.isupper()} == set(string.ascii_uppercase)
+
+
+def test_copy_probe_prompts_hold_one_needle_early_and_end_with_its_key():
+    for length in (128, 256, 1024):
+        for p in ds.probe_set(40, seed=length, length=length):
+            prompt, value = p['prompt'], p['answer']
+            assert len(prompt) + len(value) == length and len(value) == 5 and value.isupper()
+            key = next(k for k in ds.PROBE_KEYS if prompt.endswith(f'{k} '))
+            at = prompt.index(f'{key} {value}. ')
+            assert 5 <= at <= length // 2 and prompt.count(value) == 1 and prompt.count(key) == 2
+            assert set(prompt) <= set(pd.COPY_CHARS)
+
+
+class Copier(torch.nn.Module):
+    """Predicts the character that followed the last earlier occurrence of the last 8 characters:
+    an induction head written out, the ability the probe asks for."""
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, x, y):
+        logits = torch.zeros(*x.shape, self.vocab_size)
+        for i, row in enumerate(x.tolist()):
+            followed = {}  # 8 characters -> the character after their latest occurrence
+            for p in range(7, len(row)):
+                gram = tuple(row[p - 7:p + 1])
+                if gram in followed:
+                    logits[i, p, followed[gram]] = 1.0
+                if p + 1 < len(row):
+                    followed[gram] = row[p + 1]
+        return logits, None
+
+
+class Bigram(torch.nn.Module):
+    """Predicts the character that most often follows the current one in a training text: knows the
+    language, copies nothing."""
+    def __init__(self, ids, vocab_size):
+        super().__init__()
+        self.table = torch.zeros(vocab_size, vocab_size)
+        self.table.index_put_((torch.tensor(ids[:-1]), torch.tensor(ids[1:])), torch.tensor(1.0), accumulate=True)
+
+    def forward(self, x, y):
+        return self.table[x], None
+
+
+def test_the_copy_probe_scores_a_model_that_copies_100_and_one_that_does_not_near_chance(workdir):
+    pd.prepare_copy('data', n_train_docs=200, n_val_docs=10)
+    data = tr.load_data(parse_flags(tr.TrainConfig, TINY + ['--dataset=copy', '--block_size=256', '--eval_needles=50'], ''))
+    assert sorted(data.probes) == [128, 256]  # block_size // 4 is too short for a probe
+    cpu, ctx = torch.device('cpu'), torch.no_grad()
+    assert all(r == [1.0, 1.0] for r in ds.copy_probe(Copier(data.meta['vocab_size']), data, cpu, ctx).values())
+    bigram = Bigram(np.fromfile('data/copy/train.bin', dtype=np.uint16).astype(np.int64).tolist(), data.meta['vocab_size'])
+    for first, whole in ds.copy_probe(bigram, data, cpu, ctx).values():
+        assert first < 0.15 and whole == 0.0  # chance for the first of 26 capitals is about 4%
 
 
 # -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import prepare_data
 from configurator import (DTYPES, autocast, check_values, convert, estimate_mfu, opt, parse_flags, pick_device,
                           pick_dtype)
-from dataset import Data, needle_accuracy, print_sample
+from dataset import copy_probe, load_data, needle_accuracy, print_sample, recall_accuracy
 from sisa import GPT, GPTConfig, fused_kernel
 
 
@@ -45,7 +45,8 @@ class TrainConfig:
     always_save_checkpoint: bool = opt(True, 'save at every evaluation, not only when val loss improves')
     overwrite: bool = opt(False, "start afresh in an out_dir that holds another run's checkpoint, replacing it")
     # data
-    dataset: str = opt('needle', "folder under data/: 'needle' (prepared if missing), 'shakespeare_char', ...")
+    dataset: str = opt('needle', "folder under data/: 'needle' (prepared if missing), 'shakespeare_char', ...; "
+                                 "or 'recall', 'recall_forget' (associative recall, made on the fly)")
     batch_size: int = opt(32, 'sequences per micro-step')
     gradient_accumulation_steps: int = opt(1, 'micro-steps per optimizer step')
     block_size: int = opt(64, 'context length (the needle documents are up to 64 characters)')
@@ -118,6 +119,10 @@ def evaluate(model, data, cfg, device, ctx):
         a.record_stats = False
     if data.needles and cfg.eval_needles:  # --eval_needles=0: no needle evaluation
         out['needle_acc'] = needle_accuracy(model, data, data.needles[:cfg.eval_needles], device, ctx)
+    if hasattr(data, 'lengths'):  # associative recall: the share of answers right at each length
+        out['recall_acc'] = recall_accuracy(model, data, device, ctx, cfg.eval_iters)
+    if data.probes:  # the copying corpus: the paper's copy probe at three lengths
+        out['probe'] = copy_probe(model, data, device, ctx)
     if attns[0].sisa:  # lambda per head, mean decay half-life, how often the exact path chunked
         out['layers'] = [dict(lam=[round(v, 4) for v in a.stats['lam']],
                               half_life=round(float(np.mean(a.stats['half_life'])), 1),
@@ -182,7 +187,7 @@ def compiled_or_eager(model, batch, ctx, mode='default'):
     """torch.compile(model), tried on one forward and backward, since compilation happens at the
     first call; where it fails (Windows, some Pythons, MPS) training goes on uncompiled."""
     try:
-        compiled = torch.compile(model, mode=mode)
+        compiled = torch.compile(model, mode=mode, dynamic=False)  # recall's few lengths: a graph each
         with ctx:
             _, loss = compiled(*batch)
         loss.backward()
@@ -285,6 +290,11 @@ def report(ev, bar):
     msg = f"step {ev['iter']}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}"
     if 'needle_acc' in ev:
         msg += f", needle {ev['needle_acc']:.0%}"
+    if 'probe' in ev:
+        msg += (', probe ' + '/'.join(f'{f:.0%}' for f, _ in ev['probe'].values()) + ' first, '
+                + '/'.join(f'{w:.0%}' for _, w in ev['probe'].values()) + f" whole at {'/'.join(ev['probe'])}")
+    if 'recall_acc' in ev:
+        msg += ', recall ' + '/'.join(f'{a:.0%}' for a in ev['recall_acc'].values()) + f" at {'/'.join(ev['recall_acc'])}"
     if 'layers' in ev:
         msg += ', lambda ' + '/'.join(f"{np.mean(l['lam']):.2f}" for l in ev['layers'])
         msg += ', half-life ' + '/'.join(f"{l['half_life']:.0f}" for l in ev['layers'])
@@ -303,6 +313,9 @@ def train(cfg, quiet=False):
     # s * G ... s * G + G - 1 (G = gradient_accumulation_steps), and rank r takes the r-th
     # run of G / world of them. DDP averages the ranks' gradients, each the mean of its micro-steps.
     micro_steps = cfg.gradient_accumulation_steps // world
+    if micro_steps > 1 and cfg.compile_mode != 'default':  # CUDA graphs lose or refuse accumulated gradients
+        raise ValueError(f'--compile_mode={cfg.compile_mode} (CUDA graphs) does not take gradient accumulation '
+                         f'(torch 2.11); use --compile_mode=default, or raise --batch_size instead')
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -315,7 +328,7 @@ def train(cfg, quiet=False):
     if cfg.attention == 'sisa':
         fused_kernel(cfg.kernel, device)  # --kernel=triton where it cannot run: say so before building
     check_out_dir(cfg.out_dir, rank)
-    data = Data(cfg, rank)
+    data = load_data(cfg, rank)
     dtype = pick_dtype(cfg.dtype, device)
     ctx = autocast(device, dtype)
 
@@ -365,6 +378,7 @@ def train(cfg, quiet=False):
         # one optimizer step: forward/backward over the micro-steps, clip, step
         for group in optimizer.param_groups:
             group['lr'] = lr_at(iter_num, cfg)
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step; the last one's outputs are done with
         for micro in range(micro_steps):
             if ddp:  # sync gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == micro_steps - 1
