@@ -1,6 +1,7 @@
 """
 Batches from a prepared dataset (python prepare_data.py writes it), the needle task's score, the
-associative-recall tasks (made on the fly), and the sample train.py prints at the end.
+paper's copy probe, the associative-recall tasks (made on the fly), and what train.py logs at
+each evaluation and prints at the end.
 
 Datasets are nanoGPT's layout: data/<name>/train.bin and val.bin, uint16 token ids, read
 through memmaps, and meta.pkl. The needle set also has each document's start and eval.json,
@@ -142,8 +143,63 @@ def copy_probe(model, data, device, ctx):
                      needle_accuracy(model, data, prompts, device, ctx)] for L, prompts in data.probes.items()}
 
 
+@torch.no_grad()
+def evaluate(model, data, cfg, device, ctx):
+    """What train.py logs at each evaluation: train and val loss, the task's score (needle, copy probe
+    or recall) and SISA's diagnostics per layer."""
+    model.eval()
+    attns = [block.attn for block in model.transformer.h]
+    out = {}
+    for split in ('train', 'val'):
+        losses, chunked = [], []
+        for k in range(cfg.eval_iters):
+            for a in attns:
+                a.record_stats = split == 'val'
+            x, y = data.batch(split, k, device, stream=1)  # the same eval batches every time
+            with ctx:
+                _, loss = model(x, y)
+            losses.append(loss.item())
+            if split == 'val' and attns[0].sisa:
+                chunked.append([a.stats['chunked'] for a in attns])
+        out[f'{split}_loss'] = float(np.mean(losses))
+    for a in attns:
+        a.record_stats = False
+    if data.needles and cfg.eval_needles:  # --eval_needles=0: no needle evaluation
+        out['needle_acc'] = needle_accuracy(model, data, data.needles[:cfg.eval_needles], device, ctx)
+    if hasattr(data, 'lengths'):  # associative recall: the share of answers right at each length
+        out['recall_acc'] = recall_accuracy(model, data, device, ctx, cfg.eval_iters)
+    if data.probes:  # the copying corpus: the paper's copy probe at three lengths
+        out['probe'] = copy_probe(model, data, device, ctx)
+    if attns[0].sisa:  # lambda per head, mean decay half-life, how often the exact path chunked
+        out['layers'] = [dict(lam=[round(v, 4) for v in a.stats['lam']],
+                              half_life=round(float(np.mean(a.stats['half_life'])), 1),
+                              span=round(a.stats['span'], 1),
+                              chunked=float(np.mean([c[i] for c in chunked])))
+                         for i, a in enumerate(attns)]
+    model.train()
+    return out
+
+
+def report(ev, bar):
+    """An evaluation as one line above the progress bar."""
+    msg = f"step {ev['iter']}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}"
+    if 'needle_acc' in ev:
+        msg += f", needle {ev['needle_acc']:.0%}"
+    if 'probe' in ev:
+        msg += (', probe ' + '/'.join(f'{f:.0%}' for f, _ in ev['probe'].values()) + ' first, '
+                + '/'.join(f'{w:.0%}' for _, w in ev['probe'].values()) + f" whole at {'/'.join(ev['probe'])}")
+    if 'recall_acc' in ev:
+        msg += ', recall ' + '/'.join(f'{a:.0%}' for a in ev['recall_acc'].values()) + f" at {'/'.join(ev['recall_acc'])}"
+    if 'layers' in ev:
+        msg += ', lambda ' + '/'.join(f"{np.mean(l['lam']):.2f}" for l in ev['layers'])
+        msg += ', half-life ' + '/'.join(f"{l['half_life']:.0f}" for l in ev['layers'])
+        msg += f", chunked {np.mean([l['chunked'] for l in ev['layers']]):.0%}"
+    bar.write(msg)
+
+
 def print_sample(model, data, device, ctx, n):
-    """What train.py shows at the end: the first held-out needle answered greedily, or n tokens of text."""
+    """What train.py shows at the end: the first held-out needle answered greedily, a recall example
+    answered, or n tokens of text."""
     model.eval()
     if isinstance(data, Recall):
         print('sample:')

@@ -21,7 +21,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -30,7 +29,7 @@ from tqdm import tqdm
 import prepare_data
 from configurator import (DTYPES, autocast, check_values, convert, estimate_mfu, opt, parse_flags, pick_device,
                           pick_dtype)
-from dataset import copy_probe, load_data, needle_accuracy, print_sample, recall_accuracy
+from dataset import evaluate, load_data, print_sample, report
 from sisa import GPT, GPTConfig, fused_kernel
 
 
@@ -92,45 +91,9 @@ class TrainConfig:
                                   compile_mode=('default', 'reduce-overhead', 'max-autotune')))
         if not 0 <= self.dropout < 1:
             raise ValueError(f'--dropout must be in [0, 1), got {self.dropout}')
-
-
-# -----------------------------------------------------------------------------
-# evaluation
-
-@torch.no_grad()
-def evaluate(model, data, cfg, device, ctx):
-    """Train and val loss, needle accuracy, and SISA's diagnostics per layer."""
-    model.eval()
-    attns = [block.attn for block in model.transformer.h]
-    out = {}
-    for split in ('train', 'val'):
-        losses, chunked = [], []
-        for k in range(cfg.eval_iters):
-            for a in attns:
-                a.record_stats = split == 'val'
-            x, y = data.batch(split, k, device, stream=1)  # the same eval batches every time
-            with ctx:
-                _, loss = model(x, y)
-            losses.append(loss.item())
-            if split == 'val' and attns[0].sisa:
-                chunked.append([a.stats['chunked'] for a in attns])
-        out[f'{split}_loss'] = float(np.mean(losses))
-    for a in attns:
-        a.record_stats = False
-    if data.needles and cfg.eval_needles:  # --eval_needles=0: no needle evaluation
-        out['needle_acc'] = needle_accuracy(model, data, data.needles[:cfg.eval_needles], device, ctx)
-    if hasattr(data, 'lengths'):  # associative recall: the share of answers right at each length
-        out['recall_acc'] = recall_accuracy(model, data, device, ctx, cfg.eval_iters)
-    if data.probes:  # the copying corpus: the paper's copy probe at three lengths
-        out['probe'] = copy_probe(model, data, device, ctx)
-    if attns[0].sisa:  # lambda per head, mean decay half-life, how often the exact path chunked
-        out['layers'] = [dict(lam=[round(v, 4) for v in a.stats['lam']],
-                              half_life=round(float(np.mean(a.stats['half_life'])), 1),
-                              span=round(a.stats['span'], 1),
-                              chunked=float(np.mean([c[i] for c in chunked])))
-                         for i, a in enumerate(attns)]
-    model.train()
-    return out
+        if self.compile_mode != 'default' and self.gradient_accumulation_steps > int(os.environ.get('WORLD_SIZE', 1)):
+            raise ValueError(f'--compile_mode={self.compile_mode} (CUDA graphs) loses or refuses accumulated '
+                             f'gradients (torch 2.11): use --compile_mode=default, or a larger --batch_size')
 
 
 # -----------------------------------------------------------------------------
@@ -286,22 +249,6 @@ class CtrlC:
         signal.signal(signal.SIGINT, self.old)
 
 
-def report(ev, bar):
-    msg = f"step {ev['iter']}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}"
-    if 'needle_acc' in ev:
-        msg += f", needle {ev['needle_acc']:.0%}"
-    if 'probe' in ev:
-        msg += (', probe ' + '/'.join(f'{f:.0%}' for f, _ in ev['probe'].values()) + ' first, '
-                + '/'.join(f'{w:.0%}' for _, w in ev['probe'].values()) + f" whole at {'/'.join(ev['probe'])}")
-    if 'recall_acc' in ev:
-        msg += ', recall ' + '/'.join(f'{a:.0%}' for a in ev['recall_acc'].values()) + f" at {'/'.join(ev['recall_acc'])}"
-    if 'layers' in ev:
-        msg += ', lambda ' + '/'.join(f"{np.mean(l['lam']):.2f}" for l in ev['layers'])
-        msg += ', half-life ' + '/'.join(f"{l['half_life']:.0f}" for l in ev['layers'])
-        msg += f", chunked {np.mean([l['chunked'] for l in ev['layers']]):.0%}"
-    bar.write(msg)
-
-
 # -----------------------------------------------------------------------------
 # training
 
@@ -313,9 +260,6 @@ def train(cfg, quiet=False):
     # s * G ... s * G + G - 1 (G = gradient_accumulation_steps), and rank r takes the r-th
     # run of G / world of them. DDP averages the ranks' gradients, each the mean of its micro-steps.
     micro_steps = cfg.gradient_accumulation_steps // world
-    if micro_steps > 1 and cfg.compile_mode != 'default':  # CUDA graphs lose or refuse accumulated gradients
-        raise ValueError(f'--compile_mode={cfg.compile_mode} (CUDA graphs) does not take gradient accumulation '
-                         f'(torch 2.11); use --compile_mode=default, or raise --batch_size instead')
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
