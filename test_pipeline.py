@@ -548,7 +548,7 @@ def exit_message(fn, argv):
     (['--dtype=float8'], "--dtype must be one of"), (['--attention=rnn'], "--attention must be one of"),
     (['max_iters=100'], 'did you mean --max_iters=100?'), (['-max_iters=100'], 'did you mean --max_iters=100?'),
     (['--n_layer'], '--n_layer needs a value'),
-    (['--compile_mode=reduce-overhead', '--gradient_accumulation_steps=2'], 'does not take gradient accumulation'),
+    (['--compile_mode=reduce-overhead', '--gradient_accumulation_steps=2'], 'loses or refuses accumulated gradients'),
     (['--dataset=recall', '--block_size=32'], '--dataset=recall needs --block_size of at least 64'),
 ])
 def test_every_bad_value_stops_with_one_line_naming_its_flag(workdir, flags, message):
