@@ -1,15 +1,17 @@
 """
 Prepare a dataset in nanoGPT's layout: data/<name>/train.bin, val.bin (uint16 token ids)
-and meta.pkl (how to encode and decode). Three ways in:
+and meta.pkl (how to encode and decode). Four ways in:
 
 $ python prepare_data.py                              # synthetic needle-in-a-haystack (default)
+$ python prepare_data.py --dataset=copy               # synthetic stories whose made-up names recur
 $ python prepare_data.py --dataset=shakespeare_char   # tiny shakespeare, one token per character
 $ python prepare_data.py --dataset=shakespeare        # tiny shakespeare, GPT-2 BPE via tiktoken
 $ python prepare_data.py --input=notes.txt --tokenizer=char   # any local text file
 
 The needle dataset is the paper's retrieval test at toy scale: "the secret number is 42."
-hidden among filler sentences, then "what is it? 42". It needs no download
-and is the same bytes for the same seed.
+hidden among filler sentences, then "what is it? 42". The copying corpus is for the paper's own
+protocol: language-model training, then a zero-shot copy probe (dataset.py). Both need no
+download and are the same bytes for the same seed.
 """
 import hashlib
 import json
@@ -384,8 +386,10 @@ def main(argv=None):
         elif args.dataset == 'needle':
             prepare_needle(args.data_dir, args.name or 'needle', args.doc_len, args.n_digits,
                            args.n_train_docs, args.n_val_docs, args.n_eval, args.seed, args.doc_lengths)
+        elif args.dataset == 'copy':
+            prepare_copy(args.data_dir, args.name or 'copy', seed=args.seed)
         elif args.name:
-            raise DataError('--name only applies to --input and the needle dataset')
+            raise DataError('--name only applies to --input and the needle and copy datasets')
         else:
             prepare(args.dataset, args.data_dir, url=args.url)
     except DataError as e:
