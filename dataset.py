@@ -222,27 +222,26 @@ def print_sample(model, data, device, ctx, n):
 # targets elsewhere are -1, which the model's cross-entropy ignores). In the forgetting variant
 # half of the keys get a new value later in the list, and the latest value is the answer.
 
-RECALL_VOCAB = 4096  # 0 is the blank; keys are 1 .. 2047, values 2048 .. 4095
 RECALL_MIN_LEN = 64
-HALF = RECALL_VOCAB // 2
 
 
-def recall_examples(rng, n, length, forget=False):
+def recall_examples(rng, n, length, vocab, forget=False):
     """n examples of `length` tokens as int64 arrays (x, y): y is -1 but where x is an asked key,
-    where it is that key's (latest) value. length // 16 distinct keys, each told once (and half of
-    them told again with another value, with forget), then all asked once each, in random order,
-    at random even offsets of the rest of the sequence."""
-    n_pairs = length // 16
+    where it is that key's (latest) value. Token 0 is the blank, keys are 1 .. vocab/2 - 1 and values
+    vocab/2 .. vocab - 1. length // 16 distinct keys, each told once (and half of them told again
+    with another value, with forget), then all asked once each, in random order, at random even
+    offsets of the rest of the sequence."""
+    n_pairs, half = length // 16, vocab // 2
     rows = np.arange(n)[:, None]
-    keys = rng.random((n, HALF - 1)).argsort(1)[:, :n_pairs] + 1  # distinct keys per example
-    values = rng.integers(HALF, RECALL_VOCAB, size=(n, n_pairs))
+    keys = rng.random((n, half - 1)).argsort(1)[:, :n_pairs] + 1  # distinct keys per example
+    values = rng.integers(half, vocab, size=(n, n_pairs))
     x = np.zeros((n, length), dtype=np.int64)
     y = np.full((n, length), -1, dtype=np.int64)
     x[:, 0:2 * n_pairs:2], x[:, 1:2 * n_pairs:2] = keys, values
     told = 2 * n_pairs
     if forget:  # retell half of the keys, in random order, each with a value other than its first
         again = rng.random((n, n_pairs)).argsort(1)[:, :n_pairs // 2]
-        new = HALF + (values[rows, again] - HALF + rng.integers(1, HALF, size=again.shape)) % HALF
+        new = half + (values[rows, again] - half + rng.integers(1, half, size=again.shape)) % half
         x[:, told:told + 2 * again.shape[1]:2], x[:, told + 1:told + 2 * again.shape[1]:2] = keys[rows, again], new
         values = values.copy()
         values[rows, again] = new
@@ -262,9 +261,12 @@ class Recall:
     def __init__(self, cfg):
         if cfg.block_size < RECALL_MIN_LEN:
             raise prepare_data.DataError(f'--dataset={cfg.dataset} needs --block_size of at least {RECALL_MIN_LEN}')
+        if cfg.recall_vocab < cfg.block_size // 8 + 2:
+            raise prepare_data.DataError(f'--recall_vocab={cfg.recall_vocab} holds too few distinct keys for '
+                                         f'{cfg.block_size // 16} pairs; use at least {cfg.block_size // 8 + 2}')
         self.forget = cfg.dataset == 'recall_forget'
         self.lengths = [RECALL_MIN_LEN << i for i in range(int(math.log2(cfg.block_size // RECALL_MIN_LEN)) + 1)]
-        self.meta = dict(tokenizer='recall', vocab_size=RECALL_VOCAB, forget=self.forget, lengths=self.lengths)
+        self.meta = dict(tokenizer='recall', vocab_size=cfg.recall_vocab, forget=self.forget, lengths=self.lengths)
         self.block_size, self.batch_size, self.seed = cfg.block_size, cfg.batch_size, cfg.seed
         self.needles, self.probes = None, None
 
@@ -272,7 +274,7 @@ class Recall:
         rng = np.random.default_rng([self.seed, stream, step, rank, split == 'val'])
         length = length or self.lengths[rng.integers(len(self.lengths))]
         x, y = (torch.from_numpy(a) for a in recall_examples(rng, self.block_size * self.batch_size // length,
-                                                             length, self.forget))
+                                                             length, self.meta['vocab_size'], self.forget))
         if device.type == 'cuda':
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
@@ -296,26 +298,27 @@ def recall_accuracy(model, data, device, ctx, batches):
     return acc
 
 
-def recall_token(t):
-    return '.' if t == 0 else f'k{t}' if t < HALF else f'v{t - HALF}'
+def recall_token(t, vocab):
+    return '.' if t == 0 else f'k{t}' if t < vocab // 2 else f'v{t - vocab // 2}'
 
 
 @torch.no_grad()
 def show_recall(model, meta, n, seed, device, ctx):
     """n fresh examples of the shortest length, written k12 for a key and v7 for a value (blanks
     left out), each asked key followed by the model's answer, marked wrong where it is."""
-    x, y = (torch.from_numpy(a).to(device) for a in recall_examples(np.random.default_rng(seed), n,
-                                                                     meta['lengths'][0], meta['forget']))
+    x, y = (torch.from_numpy(a).to(device) for a in recall_examples(np.random.default_rng(seed), n, meta['lengths'][0],
+                                                                     meta['vocab_size'], meta['forget']))
     with ctx:
         logits, _ = model(x, y)
     got = logits.argmax(-1)
     for i in range(n):
         words = []
+        name = lambda t: recall_token(t, meta['vocab_size'])
         for t, g, want in zip(x[i].tolist(), got[i].tolist(), y[i].tolist()):
             if want >= 0:
-                words.append(f'{recall_token(t)}? {recall_token(g)}' + ('' if g == want else f' (wrong: {recall_token(want)})'))
+                words.append(f'{name(t)}? {name(g)}' + ('' if g == want else f' (wrong: {name(want)})'))
             elif t:
-                words.append(recall_token(t))
+                words.append(name(t))
         print(' '.join(words))
     asked = y >= 0
     print(f'--------------- {(got[asked] == y[asked]).sum().item()}/{asked.sum().item()} answers right')

@@ -550,6 +550,7 @@ def exit_message(fn, argv):
     (['--n_layer'], '--n_layer needs a value'),
     (['--compile_mode=reduce-overhead', '--gradient_accumulation_steps=2'], 'loses or refuses accumulated gradients'),
     (['--dataset=recall', '--block_size=32'], '--dataset=recall needs --block_size of at least 64'),
+    (['--dataset=recall', '--block_size=256', '--recall_vocab=32'], 'too few distinct keys for 16 pairs'),
 ])
 def test_every_bad_value_stops_with_one_line_naming_its_flag(workdir, flags, message):
     got = exit_message(tr.main, TINY + flags)
@@ -722,31 +723,35 @@ def test_ctrl_c_before_training_begins_is_one_line(workdir, monkeypatch):
 # -----------------------------------------------------------------------------
 # associative recall (dataset.py): made on the fly, scored on the answers only
 
-def latest_values(row):
+VOCAB = 4096  # --recall_vocab's default
+HALF = VOCAB // 2
+
+
+def latest_values(row, half=HALF):
     """{position of an asked key: its value}, found the slow way: the last telling of that key
     (a key followed by a value) anywhere before it."""
     answers = {}
     for p, t in enumerate(row):
-        told = [row[j + 1] for j in range(p - 1) if row[j] == t and row[j + 1] >= ds.HALF]
-        if 0 < t < ds.HALF and told and (p + 1 == len(row) or row[p + 1] < ds.HALF):
+        told = [row[j + 1] for j in range(p - 1) if row[j] == t and row[j + 1] >= half]
+        if 0 < t < half and told and (p + 1 == len(row) or row[p + 1] < half):
             answers[p] = told[-1]
     return answers
 
 
 @pytest.mark.parametrize('forget', [False, True])
 def test_recall_asks_every_key_once_and_its_answer_is_the_latest_value(forget):
-    for length in (64, 128, 1024):
-        x, y = ds.recall_examples(np.random.default_rng(length), 6, length, forget)
-        n_pairs = length // 16
+    for length, vocab in ((64, 4096), (128, 64), (1024, 4096)):
+        x, y = ds.recall_examples(np.random.default_rng(length), 6, length, vocab, forget)
+        n_pairs, half = length // 16, vocab // 2
         for row, target in zip(x.tolist(), y.tolist()):
             keys = row[:2 * n_pairs:2]
-            assert len(set(keys)) == n_pairs and all(0 < k < ds.HALF for k in keys)
-            assert all(ds.HALF <= v < ds.RECALL_VOCAB for v in row[1:2 * n_pairs:2])
+            assert len(set(keys)) == n_pairs and all(0 < k < half for k in keys)
+            assert all(half <= v < vocab for v in row[1:2 * n_pairs:2])
             asked = {p: t for p, t in enumerate(target) if t >= 0}
             assert sorted(row[p] for p in asked) == sorted(keys)  # each key asked once, nothing else scored
-            assert asked == latest_values(row)
+            assert asked == latest_values(row, half)
             retold = sum(row[j + 1] != row[row.index(row[j]) + 1] for j in range(2 * n_pairs, len(row) - 1, 2)
-                         if 0 < row[j] < ds.HALF and row[j + 1] >= ds.HALF)
+                         if 0 < row[j] < half and row[j + 1] >= half)
             assert retold == (n_pairs // 2 if forget else 0)  # half the keys told again, each with a new value
 
 
@@ -756,7 +761,7 @@ def recall_flags(*flags):
 
 def test_recall_batches_hold_the_same_tokens_at_every_length_and_repeat_for_a_seed():
     data = tr.load_data(recall_flags())
-    assert data.lengths == [64, 128, 256] and data.meta['vocab_size'] == ds.RECALL_VOCAB
+    assert data.lengths == [64, 128, 256] and data.meta['vocab_size'] == VOCAB
     cpu = torch.device('cpu')
     shapes = {tuple(data.batch('train', k, cpu)[0].shape) for k in range(30)}
     assert shapes == {(16, 64), (8, 128), (4, 256)}  # batch_size 4 x block 256 tokens each
@@ -769,7 +774,7 @@ def test_recall_batches_hold_the_same_tokens_at_every_length_and_repeat_for_a_se
 def test_the_loss_counts_the_answers_and_nothing_else():
     cfg = recall_flags()
     data = tr.load_data(cfg)
-    model = GPT(tr.model_config(cfg, ds.RECALL_VOCAB))
+    model = GPT(tr.model_config(cfg, VOCAB))
     x, y = data.batch('train', 0, torch.device('cpu'), length=128)
     logits, loss = model(x, y)
     asked = y >= 0
@@ -784,7 +789,7 @@ def test_recall_accuracy_is_100_for_a_model_that_looks_up_and_chance_for_one_tha
 
     class LookUp(torch.nn.Module):  # answers every asked key with its latest value, read off the input
         def forward(self, x, y):
-            logits = torch.zeros(*x.shape, ds.RECALL_VOCAB)
+            logits = torch.zeros(*x.shape, VOCAB)
             for i, row in enumerate(x.tolist()):
                 for p, v in latest_values(row).items():
                     logits[i, p, v] = 1.0
@@ -792,7 +797,7 @@ def test_recall_accuracy_is_100_for_a_model_that_looks_up_and_chance_for_one_tha
 
     class FirstValue(LookUp):  # the first telling: right only for the keys never retold
         def forward(self, x, y):
-            logits = torch.zeros(*x.shape, ds.RECALL_VOCAB)
+            logits = torch.zeros(*x.shape, VOCAB)
             for i, row in enumerate(x.tolist()):
                 for p in latest_values(row):
                     logits[i, p, row[row.index(row[p]) + 1]] = 1.0
@@ -800,7 +805,7 @@ def test_recall_accuracy_is_100_for_a_model_that_looks_up_and_chance_for_one_tha
 
     class Guess(torch.nn.Module):  # ignores the context
         def forward(self, x, y):
-            return torch.randn(*x.shape, ds.RECALL_VOCAB, generator=torch.Generator().manual_seed(0)), None
+            return torch.randn(*x.shape, VOCAB, generator=torch.Generator().manual_seed(0)), None
 
     cpu, ctx = torch.device('cpu'), torch.no_grad()
     assert ds.recall_accuracy(LookUp(), data, cpu, ctx, 2) == {'64': 1.0, '128': 1.0, '256': 1.0}

@@ -49,6 +49,7 @@ class TrainConfig:
     batch_size: int = opt(32, 'sequences per micro-step')
     gradient_accumulation_steps: int = opt(1, 'micro-steps per optimizer step')
     block_size: int = opt(64, 'context length (the needle documents are up to 64 characters)')
+    recall_vocab: int = opt(4096, "recall's tokens: keys in the lower half, values in the upper (0 is the blank)")
     # model
     n_layer: int = opt(2, 'layers')
     n_head: int = opt(8, 'heads (more heads found the retrieval sooner in tiny runs)')
