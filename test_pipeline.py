@@ -355,7 +355,7 @@ def test_needle_accuracy_is_exact_match_of_the_greedy_answer(workdir):
     prompts = data.needles[:8]
     ctx = torch.no_grad()
     # the batched teacher-forced check agrees with decoding each prompt greedily
-    acc = tr.needle_accuracy(model, data, prompts, torch.device('cpu'), ctx)
+    acc = ds.needle_accuracy(model, data, prompts, torch.device('cpu'), ctx)
     greedy = []
     for p in prompts:
         idx = torch.tensor([data.encode(p['prompt'])])
@@ -368,7 +368,7 @@ def test_needle_accuracy_is_exact_match_of_the_greedy_answer(workdir):
             logits = torch.zeros(*x.shape, data.meta['vocab_size'])
             logits[:, :-1].scatter_(-1, x[:, 1:, None], 1.0)
             return logits, None
-    assert tr.needle_accuracy(Oracle(), data, prompts, torch.device('cpu'), ctx) == 1.0
+    assert ds.needle_accuracy(Oracle(), data, prompts, torch.device('cpu'), ctx) == 1.0
 
 
 def test_sample_loads_a_compiled_models_checkpoint_and_decodes(workdir, capsys):
@@ -1064,6 +1064,13 @@ def test_the_lab_config_sets_the_lab_in_train_and_compare():
                                                                                               'out-lab')
     cfg = parse_flags(cp.CompareConfig, [path, '--seeds=5', '--jobs=2'], '')
     assert (cfg.dataset, cfg.seeds, cfg.jobs) == ('needle48', 5, 2)
+
+
+def test_the_recall_config_sets_the_smallest_recall_setting():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'recall.py')
+    cfg = parse_flags(tr.TrainConfig, [path, '--attention=softmax'], '')
+    assert (cfg.dataset, cfg.recall_vocab, cfg.block_size, cfg.n_embd, cfg.attention) == ('recall', 64, 64, 128, 'softmax')
+    assert tr.load_data(cfg).lengths == [64]
 
 
 def test_ctrl_c_in_any_script_is_one_line(workdir, monkeypatch):

@@ -4,6 +4,7 @@ Train a small SISA model (or, with --attention=softmax, the parameter-matched Tr
 $ python train.py                                   # needle-in-a-haystack, offline, minutes on a laptop CPU
 $ python train.py --attention=softmax --out_dir=out-softmax   # the same run with plain attention
 $ python train.py --dataset=shakespeare_char --block_size=256 --n_layer=6 --n_embd=384 --n_head=6 --out_dir=out-shakespeare
+$ python train.py config/recall.py                   # associative recall, answers scored (dataset.py)
 $ python train.py --init_from=resume --max_iters=8000   # continue out/ckpt.pt
 $ torchrun --standalone --nproc_per_node=4 train.py # several GPUs (DDP)
 
@@ -40,7 +41,7 @@ class TrainConfig:
     init_from: str = opt('scratch', "'scratch' or 'resume' (from out_dir/ckpt.pt)")
     eval_interval: int = opt(250, 'evaluate every this many steps')
     eval_iters: int = opt(10, 'batches per loss estimate')
-    eval_needles: int = opt(200, 'held-out needle prompts per evaluation')
+    eval_needles: int = opt(200, 'held-out needle prompts per evaluation (copy corpus: probes per length)')
     always_save_checkpoint: bool = opt(True, 'save at every evaluation, not only when val loss improves')
     overwrite: bool = opt(False, "start afresh in an out_dir that holds another run's checkpoint, replacing it")
     # data
@@ -194,7 +195,7 @@ def start_processes(cfg):
 
 # settings a resumed run cannot change: its weights and optimizer state were made with them
 RUN_FIXED = {'dataset', 'n_layer', 'n_head', 'n_embd', 'd_state', 'attention', 'd_ff', 'bias', 'block_size',
-             'sisa_offset', 'lambda_fixed'}
+             'sisa_offset', 'lambda_fixed', 'recall_vocab'}
 
 
 def resumed(cfg, ckpt_path):
