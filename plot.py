@@ -6,10 +6,11 @@ $ python plot.py                                    # out/: curves.png and atten
 $ python plot.py --out_dirs=out,out-softmax         # curves of several runs overlaid (attention of the first)
 $ python plot.py --prompt="the secret number is 31. what is it? " --head=3
 
-curves.png: train and val loss and, on the needle task, the held-out accuracy, by step, from each
-out_dir's log.jsonl. attention.png: for one prompt, one row per layer and, for one head, the three
-parts of the score (q.k / sqrt(d_h), the importance lambda Cbar.Bbar) and the softmax weights
-they make, with the tokens on the axes. attention_parts computes them and needs no matplotlib.
+curves.png: train and val loss and the task's accuracy where one is logged (the needle; recall
+and the copy probe at each length), by step, from each out_dir's log.jsonl. attention.png: for one
+prompt, one row per layer and, for one head, the three parts of the score (q.k / sqrt(d_h), the
+importance lambda Cbar.Bbar) and the softmax weights they make, with the tokens on the axes.
+attention_parts computes them and needs no matplotlib.
 """
 import json
 import math
@@ -23,9 +24,9 @@ from configurator import check_values, opt, parse_flags
 @dataclass
 class PlotConfig:
     out_dirs: str = opt('out', 'runs to draw, comma-separated; the attention is the first one\'s')
-    prompt: str = opt('', "the attention's prompt ('': a held-out needle question, for a needle model)")
+    prompt: str = opt('', "the attention's prompt ('': a held-out needle question, or a recall example)")
     head: int = opt(0, 'the head whose attention is drawn')
-    seed: int = opt(1337, "seed of the needle question")
+    seed: int = opt(1337, "seed of the needle question or the recall example")
 
     def __post_init__(self):
         check_values(self, non_negative=('head',))
@@ -34,9 +35,11 @@ class PlotConfig:
 if __name__ == '__main__':  # read the flags before torch loads, so --help and a bad flag answer at once
     parse_flags(PlotConfig, sys.argv[1:], __doc__)
 
-import torch  # noqa: E402 (after the flags: see above)
+import numpy as np  # noqa: E402 (after the flags: see above)
+import torch  # noqa: E402
 
 import prepare_data  # noqa: E402
+from dataset import recall_examples, recall_token  # noqa: E402
 from sisa import ssm_channels  # noqa: E402
 from train import load_checkpoint, load_model  # noqa: E402
 
@@ -81,21 +84,29 @@ def attention_parts(model, idx):
     return parts
 
 
+def scores(ev):
+    """{name: accuracy in %} of one logged evaluation: the needle, recall and the probe's first letter by length."""
+    out = {'needle': 100 * ev['needle_acc']} if 'needle_acc' in ev else {}
+    out.update({f'recall at {L}': 100 * a for L, a in ev.get('recall_acc', {}).items()})
+    out.update({f'probe at {L}': 100 * first for L, (first, _) in ev.get('probe', {}).items()})
+    return out
+
+
 def plot_curves(out_dirs, path):
-    """Train and val loss (and needle accuracy where logged) by step, one line per run."""
+    """Train and val loss, and the task's accuracy where one is logged, by step: a line per run (and length)."""
     import matplotlib.pyplot as plt
     logs = {d: [json.loads(line) for line in open(os.path.join(d, 'log.jsonl'))] for d in out_dirs}
-    needle = any('needle_acc' in h for log in logs.values() for h in log)
-    fig, axes = plt.subplots(1, 2 if needle else 1, figsize=(11 if needle else 6, 4), squeeze=False)
+    scored = any(scores(h) for log in logs.values() for h in log)
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(11 if scored else 6, 4), squeeze=False)
     for d, log in logs.items():
         steps = [h['iter'] for h in log]
         line, = axes[0, 0].plot(steps, [h['val_loss'] for h in log], label=f'{d} val')
         axes[0, 0].plot(steps, [h['train_loss'] for h in log], '--', color=line.get_color(), label=f'{d} train')
-        if needle:
-            axes[0, 1].plot(steps, [100 * h.get('needle_acc', float('nan')) for h in log], label=d)
+        for name in scores(log[-1]) if scored else ():
+            axes[0, 1].plot(steps, [scores(h).get(name, float('nan')) for h in log], label=f'{d} {name}')
     axes[0, 0].set(xlabel='step', ylabel='loss (nats per token)', title='loss')
-    if needle:
-        axes[0, 1].set(xlabel='step', ylabel='held-out needles right (%)', title='needle accuracy', ylim=(-2, 102))
+    if scored:
+        axes[0, 1].set(xlabel='step', ylabel='right (%)', title='held-out accuracy', ylim=(-2, 102))
     for ax in axes[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -142,16 +153,23 @@ def main(argv):
         model, meta = load_model(ckpt, kernel='sdpa').eval(), ckpt['meta']
         if cfg.head >= model.config.n_head:
             raise ValueError(f'--head={cfg.head}: the model has {model.config.n_head} heads')
-        prompt = cfg.prompt
-        if not prompt and 'n_digits' in meta:
-            prompt = prepare_data.needle_eval_set(1, cfg.seed + 100, min(meta['doc_len'], model.config.block_size),
-                                                  meta['n_digits'])[0]['prompt']
-        if not prompt:
-            raise ValueError('give the attention a prompt: --prompt="..."')
-        encode, decode = prepare_data.get_tokenizer(meta)
-        ids = encode(prompt)[-model.config.block_size:]
+        if meta['tokenizer'] == 'recall':  # a fresh example of the shortest length, its tokens named k12, v7, .
+            x, _ = recall_examples(np.random.default_rng(cfg.seed + 100), 1, meta['lengths'][0], meta['vocab_size'],
+                                   meta['forget'])
+            ids = x[0].tolist()
+            labels = [recall_token(t, meta['vocab_size']) for t in ids]
+        else:
+            prompt = cfg.prompt
+            if not prompt and 'n_digits' in meta:
+                prompt = prepare_data.needle_eval_set(1, cfg.seed + 100, min(meta['doc_len'], model.config.block_size),
+                                                      meta['n_digits'])[0]['prompt']
+            if not prompt:
+                raise ValueError('give the attention a prompt: --prompt="..."')
+            encode, decode = prepare_data.get_tokenizer(meta)
+            ids = encode(prompt)[-model.config.block_size:]
+            labels = [repr(decode([t]))[1:-1] for t in ids]
         parts = attention_parts(model, torch.tensor([ids]))
-        plot_attention(parts, [repr(decode([t]))[1:-1] for t in ids], cfg.head, os.path.join(out_dirs[0], 'attention.png'))
+        plot_attention(parts, labels, cfg.head, os.path.join(out_dirs[0], 'attention.png'))
         print(f"wrote {os.path.join(out_dirs[0], 'curves.png')} and {os.path.join(out_dirs[0], 'attention.png')}")
     except (prepare_data.DataError, ValueError, OSError) as e:
         sys.exit(f'error: {e}')

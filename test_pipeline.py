@@ -1030,6 +1030,21 @@ def test_plot_draws_the_curves_of_several_runs_and_the_attention_of_the_first(wo
     assert list(loss.lines[0].get_xdata()) == [0, 2, 4]
 
 
+def test_plot_draws_recall_accuracy_at_every_length_and_a_recall_examples_attention(workdir, monkeypatch):
+    pytest.importorskip('matplotlib')
+    run_train('--dataset=recall', '--recall_vocab=64', '--block_size=128', '--max_iters=2', '--eval_interval=1')
+    fig = plot.plot_curves(['out'], 'curves.png')
+    accuracy = fig.axes[1]
+    assert [l.get_label() for l in accuracy.lines] == ['out recall at 64', 'out recall at 128']
+    assert list(accuracy.lines[0].get_xdata()) == [0, 1, 2]
+    drawn = []
+    monkeypatch.setattr(plot, 'plot_attention', lambda parts, labels, head, path: drawn.append((len(parts), labels)))
+    plot.main(['--head=1'])
+    (layers, labels), = drawn
+    assert layers == 1 and len(labels) == 64 and labels[0].startswith('k') and labels[1].startswith('v')
+    assert labels.count('.') > 0 and set(labels) <= {'.'} | {f'k{i}' for i in range(1, 32)} | {f'v{i}' for i in range(32)}
+
+
 def test_a_model_whose_lambda_is_zero_draws_an_empty_importance_panel(workdir):
     pytest.importorskip('matplotlib')
     torch.manual_seed(0)
