@@ -311,9 +311,9 @@ def show_recall(model, meta, n, seed, device, ctx):
     with ctx:
         logits, _ = model(x, y)
     got = logits.argmax(-1)
+    name = lambda t: recall_token(t, meta['vocab_size'])
     for i in range(n):
         words = []
-        name = lambda t: recall_token(t, meta['vocab_size'])
         for t, g, want in zip(x[i].tolist(), got[i].tolist(), y[i].tolist()):
             if want >= 0:
                 words.append(f'{name(t)}? {name(g)}' + ('' if g == want else f' (wrong: {name(want)})'))
