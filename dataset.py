@@ -189,7 +189,8 @@ def report(ev, bar):
         msg += (', probe ' + '/'.join(f'{f:.0%}' for f, _ in ev['probe'].values()) + ' first, '
                 + '/'.join(f'{w:.0%}' for _, w in ev['probe'].values()) + f" whole at {'/'.join(ev['probe'])}")
     if 'recall_acc' in ev:
-        msg += ', recall ' + '/'.join(f'{a:.0%}' for a in ev['recall_acc'].values()) + f" at {'/'.join(ev['recall_acc'])}"
+        msg += (', recall ' + '/'.join(f'{a:.0%}' for a in ev['recall_acc'].values())
+                + f" at {'/'.join(ev['recall_acc'])}")
     if 'layers' in ev:
         msg += ', lambda ' + '/'.join(f"{np.mean(l['lam']):.2f}" for l in ev['layers'])
         msg += ', half-life ' + '/'.join(f"{l['half_life']:.0f}" for l in ev['layers'])

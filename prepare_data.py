@@ -191,8 +191,8 @@ def prepare_needle(out_dir='data', name='needle', doc_len=DOC_LEN, n_digits=N_DI
 # Names are Capitalized (every letter starts some), never all capitals: the copy probe's values
 # (dataset.py) are strings of capitals, unseen in training.
 
-ONSETS = ['', 'b', 'br', 'c', 'ch', 'd', 'dr', 'f', 'g', 'gr', 'h', 'j', 'k', 'kl', 'l', 'm', 'n', 'p', 'qu', 'r', 's', 'sh',
-          't', 'th', 'tr', 'v', 'w', 'x', 'y', 'z']
+ONSETS = ['', 'b', 'br', 'c', 'ch', 'd', 'dr', 'f', 'g', 'gr', 'h', 'j', 'k', 'kl', 'l', 'm', 'n', 'p', 'qu', 'r',
+          's', 'sh', 't', 'th', 'tr', 'v', 'w', 'x', 'y', 'z']
 VOWELS = ['a', 'e', 'i', 'o', 'u', 'ai', 'ou', 'ea']
 CODAS = ['', '', 'n', 'r', 'l', 'sk', 'th', 'x', 'm']
 ROLES = ['baker', 'sailor', 'farmer', 'weaver', 'doctor', 'singer', 'painter', 'miner', 'teacher', 'guard']
@@ -342,7 +342,7 @@ def prepare_shakespeare(tokenizer='char', out_dir='data', url=SHAKESPEARE_URL):
 DATASETS = ['needle', 'copy', 'shakespeare_char', 'shakespeare']
 
 def prepare(dataset='needle', out_dir='data', **kwargs):
-    """Prepare a named dataset; kwargs go to prepare_needle or prepare_shakespeare. Returns data dir."""
+    """Prepare a named dataset; kwargs go to prepare_needle, prepare_copy or prepare_shakespeare. Returns data dir."""
     if dataset == 'needle':
         return prepare_needle(out_dir, **kwargs)
     if dataset == 'copy':
