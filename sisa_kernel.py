@@ -39,8 +39,9 @@ sums every weight into the softmax's denominator and only the kept ones into o, 
 log-sum-exp is the softmax's. The backward pass is flash attention 2's: dV_j = sum_i P_ij Z_ij dO_i,
 dP_ij = Z_ij dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i), delta_i = o_i . do_i of the dropped o;
 dS feeds dq, dk and the importance's gradients as without dropout. The mask is never stored: every
-kernel draws it again from Philox (tl.rand), keyed by a seed tensor and the (batch, head), at the
-counter i l + j of the pair (_kept). Without dropout the flag DROPOUT compiles none of this.
+kernel draws it again from Philox (tl.rand4x, four draws a call), keyed by a seed tensor and the
+(batch, head), at a counter from i and j // 4 (_kept). Without dropout the flag DROPOUT compiles none
+of this.
 
 `sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the SDPA form
 and to an fp64 evaluation of the score (on the CPU under TRITON_INTERPRET=1). `channels` gives
@@ -91,7 +92,8 @@ def dropout_mask(seed, b, h, l, dropout_p):
     """The keep mask that the attention kernels draw from seed for (b, h, l, .) inputs: (b, h, l, l) bool,
     the causal mask not applied. For the tests, which hold the kernel to a reference with this very mask."""
     keep = torch.empty(b * h, l, l, dtype=torch.int8, device=seed.device)
-    _dropout_mask[(triton.cdiv(l, 16), b * h)](seed, keep, l, dropout_p, ROWS=16, WIDTH=triton.next_power_of_2(l))
+    _dropout_mask[(triton.cdiv(l, 16), b * h)](seed, keep, l, dropout_p, ROWS=16,
+                                                WIDTH=max(16, triton.next_power_of_2(l)))
     return keep.view(b, h, l, l).bool()
 
 
@@ -288,9 +290,14 @@ def _dropout_key(SEED, bh):
 
 @triton.jit
 def _kept(key, i, j, L, dropout_p):
-    """Which weights P_ij of a (rows, cols) tile dropout keeps, each with probability 1 - dropout_p: Philox's
-    uniform draw at the counter i L + j, which stays below 2^31 (sisa_attention_fused checks l)."""
-    return tl.rand(key, i[:, None] * L + j[None, :]) >= dropout_p
+    """Which weights P_ij of a (rows, cols) tile dropout keeps, each with probability 1 - dropout_p. One Philox
+    call gives four uniform draws: the call at counter i ceil(L / 4) + t serves keys 4t to 4t + 3, one draw
+    each, so a tile costs a quarter of the calls. j is the tile's keys, from a multiple of 4 (every tile
+    starts at one); the counters stay below 2^31 (sisa_attention_fused checks l)."""
+    t = tl.min(j, 0) // 4 + tl.arange(0, j.shape[0] // 4)
+    u0, u1, u2, u3 = tl.rand4x(key, i[:, None] * ((L + 3) // 4) + t[None, :])
+    u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))  # key 4t + k takes u_k
+    return u >= dropout_p
 
 
 # -----------------------------------------------------------------------------
