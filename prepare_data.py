@@ -188,8 +188,10 @@ def prepare_needle(out_dir='data', name='needle', doc_len=DOC_LEN, n_digits=N_DI
 # the copying corpus: short stories about made-up people, places and things whose names recur,
 # so that a language model gains by copying from earlier in the document, as it does in web text
 # where names and rare words come back. Generated offline; the same bytes for the same seed.
-# Names are Capitalized (every letter starts some), never all capitals: the copy probe's values
-# (dataset.py) are strings of capitals, unseen in training.
+# Each story also states facts ("The boat of Vel is Drouth.") and states them again later, word for
+# word: a phrase met before, then what followed it, the very pattern of the paper's copy probe
+# (dataset.py), whose key phrases, filler and values (random capitals) the corpus never writes.
+# Names are Capitalized; half the facts' values are in capitals ("DROUTH"), never anything else.
 
 ONSETS = ['', 'b', 'br', 'c', 'ch', 'd', 'dr', 'f', 'g', 'gr', 'h', 'j', 'k', 'kl', 'l', 'm', 'n', 'p', 'qu', 'r',
           's', 'sh', 't', 'th', 'tr', 'v', 'w', 'x', 'y', 'z']
@@ -198,6 +200,7 @@ CODAS = ['', '', 'n', 'r', 'l', 'sk', 'th', 'x', 'm']
 ROLES = ['baker', 'sailor', 'farmer', 'weaver', 'doctor', 'singer', 'painter', 'miner', 'teacher', 'guard']
 ACTS = ['fixed', 'found', 'sold', 'painted', 'hid', 'lost', 'carried', 'cleaned', 'bought', 'borrowed']
 MOODS = ['happy', 'tired', 'quiet', 'angry', 'curious', 'proud', 'worried', 'calm']
+ATTRIBUTES = ['boat', 'song', 'sign', 'horse', 'lucky stone', 'old name', 'best friend', 'door code']
 COPY_CHARS = sorted(set(string.ascii_letters + " .,'\n"))
 
 
@@ -212,7 +215,11 @@ def copy_story(rng, length):
     for _ in range(rng.randint(2, 4)):
         people.append(next(w for w in iter(lambda: made_up_word(rng), None) if w not in people))
     place, thing = made_up_word(rng), made_up_word(rng, capital=False)
-    first = [f'{p} was a {rng.choice(ROLES)} from {place}.' for p in people] + [f'{people[0]} had a {thing}.']
+    facts = []
+    for attribute in rng.sample(ATTRIBUTES, 2):
+        value = made_up_word(rng)
+        facts.append(f'The {attribute} of {rng.choice(people)} is {value.upper() if rng.random() < 0.5 else value}.')
+    first = [f'{p} was a {rng.choice(ROLES)} from {place}.' for p in people] + [f'{people[0]} had a {thing}.'] + facts
     rng.shuffle(first)
     sentences, told = first, len(first)
     while sum(len(s) + 1 for s in sentences) < length or len(sentences) < told + len(people):
@@ -224,6 +231,8 @@ def copy_story(rng, length):
             f"{b} said that {a} {rng.choice(ACTS)} a {thing}.", f'{a} and {b} walked to {place}.',
             f"The {thing} of {a} was in {place}.", f'{a} asked {b} about the {thing}.',
             f'Then {a} went home to {place}.', f'{a} was {rng.choice(MOODS)}.']))
+    for fact in facts:  # told again in the story's second half, word for word
+        sentences.insert(rng.randint(len(sentences) // 2 + 1, len(sentences)), fact)
     return ' '.join(sentences) + '\n'
 
 

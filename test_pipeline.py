@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import socket
 import string
 import subprocess
@@ -835,7 +836,7 @@ def test_train_compare_and_sample_run_associative_recall(workdir, capsys):
 # -----------------------------------------------------------------------------
 # the copying corpus (prepare_data.py) and the paper's copy probe (dataset.py)
 
-def test_the_copying_corpus_repeats_its_names_and_never_writes_two_capitals_in_a_row(tmp_path):
+def test_the_copying_corpus_repeats_its_names_and_facts_and_never_the_probes_phrases(tmp_path):
     a, b = (pd.prepare_copy(str(tmp_path / d), n_train_docs=60, n_val_docs=10) for d in ('a', 'b'))
     assert open(f'{a}/train.bin', 'rb').read() == open(f'{b}/train.bin', 'rb').read()
     text = pd.get_tokenizer(pd.load_meta(a))[1](np.fromfile(f'{a}/train.bin', dtype=np.uint16).tolist())
@@ -844,8 +845,12 @@ def test_the_copying_corpus_repeats_its_names_and_never_writes_two_capitals_in_a
     for story in stories:  # every made-up name comes back: copying from earlier in the story pays
         names = {w.strip('.,') for w in story.split() if w[0].isupper()} - {'In', 'Nobody', 'Then', 'The'}
         assert names and all(story.count(n) >= 2 for n in names)
-    assert not any(c.isupper() and d.isupper() for c, d in zip(text, text[1:]))
+        facts = re.findall(r'The [a-z ]+ of [A-Z][a-z]+ is [A-Za-z]+\.', story)
+        assert len(set(facts)) == 2 and all(story.count(f) == 2 for f in facts)  # told, then told again
+        capitals = re.findall(r'[A-Z]{2,}', story)  # words in capitals are facts' values, nothing else
+        assert all(any(f.endswith(f' is {w}.') for f in facts) for w in capitals)
     assert {c for c in text if c.isupper()} == set(string.ascii_uppercase)
+    assert not any(k in text for k in ds.PROBE_KEYS) and ds.PROBE_FILLER.strip() not in text
 
 
 def test_copy_probe_prompts_hold_one_needle_early_and_end_with_its_key():
