@@ -190,8 +190,9 @@ def prepare_needle(out_dir='data', name='needle', doc_len=DOC_LEN, n_digits=N_DI
 # where names and rare words come back. Generated offline; the same bytes for the same seed.
 # Each story also states facts ("The boat of Vel is Drouth.") and states them again later, word for
 # word: a phrase met before, then what followed it, the very pattern of the paper's copy probe
-# (dataset.py), whose key phrases, filler and values (random capitals) the corpus never writes.
-# Names are Capitalized; half the facts' values are in capitals ("DROUTH"), never anything else.
+# (dataset.py), whose key phrases and filler the corpus never writes (its values, five random
+# capitals, only by chance). Names are Capitalized; half the facts' values are in capitals ("DROUTH"),
+# and nothing else is.
 
 ONSETS = ['', 'b', 'br', 'c', 'ch', 'd', 'dr', 'f', 'g', 'gr', 'h', 'j', 'k', 'kl', 'l', 'm', 'n', 'p', 'qu', 'r',
           's', 'sh', 't', 'th', 'tr', 'v', 'w', 'x', 'y', 'z']
