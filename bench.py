@@ -8,7 +8,7 @@ $ torchrun --standalone --nproc_per_node=2 bench.py --shape=152m --attention=sis
 
 Each model is timed in a fresh process, so neither inherits the other's compilation caches or
 allocator state: the figure is the one the model gets when timed alone. It takes train.py's flags
-(the model, the batch, --dtype, --compile, --kernel) and the three below.
+(the model, the batch, --dtype, --compile, --kernel) and those below.
 """
 import dataclasses
 import math
@@ -42,13 +42,14 @@ SHAPES = {
 class BenchConfig(TrainConfig):
     shape: str = opt('', f"'' (the flags as given), or one of {', '.join(SHAPES)}: see SHAPES in bench.py")
     iters: int = opt(20, 'timed steps per model (in 5 windows; the median counts)')
+    repeats: int = opt(1, 'times each model is timed, alternating, each in a fresh process; the median counts')
     half_life: float = opt(0.0, "every SISA head's decay half-life in tokens (0: as initialized, ~100)")
     vocab_size: int = opt(0, "vocabulary of the random tokens (0: the dataset's)")
     profile: bool = opt(False, 'after timing, profile 5 steps of each model (torch.profiler) and print its top kernels')
 
     def __post_init__(self):
         super().__post_init__()
-        check_values(self, positive=('iters',), non_negative=('half_life', 'vocab_size'),
+        check_values(self, positive=('iters', 'repeats'), non_negative=('half_life', 'vocab_size'),
                      choices=dict(shape=('',) + tuple(SHAPES)))
 
 
@@ -142,20 +143,26 @@ def benchmark(cfg):
                   f"{r['step_ms']:.1f} ms/step (windows {r['windows']} ms), MFU per GPU "
                   + ('n/a' if r['mfu'] is None else f"{r['mfu']:.1%}"))
         return {cfg.attention: r}
-    results = {}
-    for attention in ('sisa', 'softmax'):
-        with torch.multiprocessing.get_context('spawn').Pool(1) as pool:
-            r = results[attention] = pool.apply(time_steps, (dataclasses.replace(cfg, attention=attention), vocab))
-        mem = 'n/a' if r['mem_gib'] is None else f"{r['mem_gib']:.2f} GiB"
-        mfu = 'n/a' if r['mfu'] is None else f"{r['mfu']:.1%}"
-        print(f"{attention:>8}: {r['params'] / 1e6:.2f}M params, {r['tok_s']:,.0f} tok/s, {r['step_ms']:.1f} ms/step "
-              f"(windows {r['windows']} ms), peak {mem}, MFU {mfu}")
-        if r['profile']:
-            print(r['profile'])
+    runs = {'sisa': [], 'softmax': []}
+    for _ in range(cfg.repeats):  # alternating: a host that drifts (tiny shapes are bound by it) drifts for both
+        for attention in runs:
+            with torch.multiprocessing.get_context('spawn').Pool(1) as pool:
+                r = pool.apply(time_steps, (dataclasses.replace(cfg, attention=attention), vocab))
+            runs[attention].append(r)
+            mem = 'n/a' if r['mem_gib'] is None else f"{r['mem_gib']:.2f} GiB"
+            mfu = 'n/a' if r['mfu'] is None else f"{r['mfu']:.1%}"
+            print(f"{attention:>8}: {r['params'] / 1e6:.2f}M params, {r['tok_s']:,.0f} tok/s, {r['step_ms']:.1f} ms/step "
+                  f"(windows {r['windows']} ms), peak {mem}, MFU {mfu}")
+            if r['profile']:
+                print(r['profile'])
+    results = {a: sorted(rs, key=lambda r: r['tok_s'])[len(rs) // 2] for a, rs in runs.items()}  # the median run
     s, t = results['sisa'], results['softmax']
     memory = f"{s['mem_gib'] / t['mem_gib']:.3f}x" if s['mem_gib'] else 'n/a'
     print(f"SISA/Transformer: throughput {s['tok_s'] / t['tok_s']:.3f}x, memory {memory} "
           f"(MFU counts 6N + 6 n_layer n_head block_size (2 d_h + d_s) FLOPs per token; d_s = 0 for softmax)")
+    if cfg.repeats > 1:
+        ratios = [a['tok_s'] / b['tok_s'] for a, b in zip(runs['sisa'], runs['softmax'])]
+        print(f"median of {cfg.repeats} timings each; the ratio in each repeat: {min(ratios):.3f}x to {max(ratios):.3f}x")
     return results
 
 

@@ -1069,6 +1069,18 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
     assert exit_message(plot.main, []) == 'error: plot.py draws with matplotlib, an optional extra: pip install matplotlib'
 
 
+def test_bench_repeats_alternate_the_models_and_report_the_median_run(workdir, capsys):
+    results = bench.benchmark(parse_flags(bench.BenchConfig, TINY + ['--iters=5', '--repeats=3'], ''))
+    out = capsys.readouterr().out
+    timed = [line.split(':')[0].strip() for line in out.splitlines() if 'tok/s' in line and 'params' in line]
+    assert timed == ['sisa', 'softmax'] * 3
+    for attention in ('sisa', 'softmax'):  # the run reported is the middle one of the three by tok/s
+        speeds = sorted(float(line.split(', ')[1].split()[0].replace(',', '')) for line in out.splitlines()
+                        if line.strip().startswith(f'{attention}:'))
+        assert f"{results[attention]['tok_s']:,.0f}" == f'{speeds[1]:,.0f}'
+    assert 'median of 3 timings each; the ratio in each repeat: ' in out
+
+
 def test_a_bench_shape_sets_its_flags_and_flags_given_win(workdir, capsys):
     flags = ['--shape=tiny', '--n_layer=1', '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=2', '--iters=5',
              '--device=cpu']
