@@ -26,7 +26,7 @@ import prepare_data
 from configurator import autocast, check_values, estimate_mfu, opt, parse_flags, pick_device, pick_dtype
 from dataset import Data
 from sisa import GPT
-from train import TrainConfig, model_config, use_compile
+from train import TrainConfig, compile_mode, model_config, use_compile
 
 
 # the shapes people train: flags a --shape sets, unless given too
@@ -75,13 +75,15 @@ def time_steps(cfg, vocab):
         for block in model.transformer.h:  # w_a = 0 at init: every token decays by softplus(b_a)
             block.attn.a_bias.data.fill_(math.log(math.expm1(math.log(2) / cfg.half_life)))
     optimizer = model.configure_optimizers(cfg.weight_decay, 0.0, (cfg.beta1, cfg.beta2), device.type)
-    run = torch.compile(model, mode=cfg.compile_mode) if use_compile(cfg, device) else model
+    mode = compile_mode(cfg, device)
+    run = torch.compile(model, mode=mode) if use_compile(cfg, device) else model
     if world > 1:
         run = DDP(run, device_ids=[device.index] if device.type == 'cuda' else None)
     x = torch.randint(vocab, (cfg.batch_size, cfg.block_size), device=device,
                       generator=torch.Generator(device).manual_seed(cfg.seed + rank))
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # as train.py: under CUDA graphs, the last step's outputs are done with
         with ctx:
             _, loss = run(x, x)
         loss.backward()
@@ -89,10 +91,13 @@ def time_steps(cfg, vocab):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    graphs = use_compile(cfg, device) and mode != 'default'
+    if device.type == 'cuda' and graphs:  # CUDA graphs take their memory while recorded, in the warm-up
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(5):
         step()
     sync()
-    if device.type == 'cuda':
+    if device.type == 'cuda' and not graphs:
         torch.cuda.reset_peak_memory_stats(device)
     windows = []
     for _ in range(5):
@@ -133,7 +138,7 @@ def benchmark(cfg):
     half_life = f'half-life {cfg.half_life:g} tokens' if cfg.half_life else 'decays at init'
     if int(os.environ.get('RANK', 0)) == 0:
         print(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), torch {torch.__version__}, '
-              f'{pick_dtype(cfg.dtype, device)}, {"compiled, " + cfg.compile_mode if use_compile(cfg, device) else "eager"}, batch {cfg.batch_size} x '
+              f'{pick_dtype(cfg.dtype, device)}, {"compiled, " + compile_mode(cfg, device) if use_compile(cfg, device) else "eager"}, batch {cfg.batch_size} x '
               f'{cfg.block_size}, {cfg.n_layer} x {cfg.n_embd}, d_state {cfg.d_state}, vocab {vocab}, SISA kernel '
               f'{cfg.kernel}, dropout {cfg.dropout:g}, {half_life}')
     if 'RANK' in os.environ:  # torchrun: the one model of --attention, data-parallel, timed in these processes

@@ -439,6 +439,34 @@ def test_training_goes_on_uncompiled_where_torch_compile_fails(workdir, monkeypa
     assert 'warning: torch.compile failed (RuntimeError: no C++ compiler found)' in capsys.readouterr().out
 
 
+def test_compile_mode_auto_takes_cuda_graphs_only_where_they_are_known_to_work(monkeypatch):
+    monkeypatch.setattr(tr, 'fused_kernel', lambda kernel, device: kernel != 'sdpa')  # as on a GPU with Triton
+    monkeypatch.delenv('RANK', raising=False)
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    mode = lambda device, *flags: tr.compile_mode(parse_flags(tr.TrainConfig, list(flags), ''), device)
+    assert mode(cuda) == mode(cuda, '--attention=softmax') == mode(cuda, '--sisa_offset=paper') == 'reduce-overhead'
+    assert mode(cuda, '--kernel=sdpa', '--attention=softmax') == 'reduce-overhead'
+    assert mode(cpu) == 'default'
+    assert mode(cuda, '--gradient_accumulation_steps=2') == 'default'
+    assert mode(cuda, '--kernel=sdpa') == 'default'  # the chunked SDPA form reads its chunk count on the host
+    assert mode(cuda, '--compile_mode=default') == 'default' and mode(cpu, '--compile_mode=max-autotune') == 'max-autotune'
+    monkeypatch.setenv('RANK', '0')  # under torchrun: DDP
+    assert mode(cuda) == 'default'
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs run on CUDA only')
+@pytest.mark.parametrize("attention", ["sisa", "softmax"])
+def test_training_under_cuda_graphs_follows_the_default_compile_step_by_step(workdir, attention):
+    flags = ['--device=cuda', f'--attention={attention}', '--block_size=256', '--max_iters=30', '--eval_interval=10',
+             '--eval_iters=4', '--learning_rate=1e-2']
+    runs = {m: run_train(*flags, f'--compile_mode={m}', f'--out_dir={m}') for m in ('auto', 'default')}
+    auto = tr.compile_mode(parse_flags(tr.TrainConfig, TINY + flags, ''), torch.device('cuda'))
+    assert auto == 'reduce-overhead'
+    losses = {m: [h['val_loss'] for h in history] for m, history in runs.items()}
+    assert losses['auto'][-1] < losses['auto'][0] - 0.5  # it learned
+    assert losses['auto'] == pytest.approx(losses['default'], rel=2e-2)  # bf16: the graphs change no result
+
+
 def test_lambda_fixed_freezes_lambda_and_nothing_else(workdir):
     run_train('--max_iters=3', '--eval_interval=3', '--lambda_fixed=True', '--out_dir=fixed')
     state = final_weights('fixed')

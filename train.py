@@ -76,7 +76,8 @@ class TrainConfig:
     device: str = opt('auto', "'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = opt('auto', "'auto' (bf16 on CUDA, fp16 where bf16 is unsupported, else fp32), 'float32', 'bfloat16', 'float16'")
     compile: str = opt('auto', "torch.compile: 'auto' (on CUDA), True or False")
-    compile_mode: str = opt('default', "torch.compile's mode: 'default', or 'reduce-overhead' (CUDA graphs: fewer launches)")
+    compile_mode: str = opt('auto', "torch.compile's mode: 'auto' (CUDA graphs where they are safe: see compile_mode), "
+                                    "'default', 'reduce-overhead' (CUDA graphs) or 'max-autotune'")
     seed: int = opt(1337, 'one seed for init and data order, so runs differ only in what you change')
     sample_tokens: int = opt(120, 'tokens to sample at the end (0: none)')
 
@@ -90,10 +91,10 @@ class TrainConfig:
                                   kernel=('auto', 'triton', 'sdpa'), sisa_offset=('exact', 'paper'),
                                   dtype=('auto', 'float32', 'bfloat16', 'float16'),
                                   compile=('auto', 'True', 'False', 'true', 'false', '1', '0'),
-                                  compile_mode=('default', 'reduce-overhead', 'max-autotune')))
+                                  compile_mode=('auto', 'default', 'reduce-overhead', 'max-autotune')))
         if not 0 <= self.dropout < 1:
             raise ValueError(f'--dropout must be in [0, 1), got {self.dropout}')
-        if self.compile_mode != 'default' and self.gradient_accumulation_steps > int(os.environ.get('WORLD_SIZE', 1)):
+        if self.compile_mode not in ('auto', 'default') and self.gradient_accumulation_steps > int(os.environ.get('WORLD_SIZE', 1)):
             raise ValueError(f'--compile_mode={self.compile_mode} (CUDA graphs) loses or refuses accumulated '
                              f'gradients (torch 2.11): use --compile_mode=default, or a larger --batch_size')
 
@@ -118,6 +119,19 @@ def model_config(cfg, vocab_size):
 
 def use_compile(cfg, device):
     return device.type == 'cuda' if cfg.compile == 'auto' else convert('compile', cfg.compile, bool)
+
+
+def compile_mode(cfg, device):
+    """torch.compile's mode. 'auto' takes CUDA graphs ('reduce-overhead': each step's kernel launches
+    replayed without Python, which bounds a tiny model's step) where they are known to work: on CUDA,
+    in one process (DDP under them is untested), without gradient accumulation (torch loses
+    accumulated gradients under them), and without the chunked SDPA form (it reads its chunk count
+    on the host). Elsewhere 'default'."""
+    if cfg.compile_mode != 'auto':
+        return cfg.compile_mode
+    graphs = (device.type == 'cuda' and cfg.gradient_accumulation_steps == 1 and 'RANK' not in os.environ
+              and (cfg.attention == 'softmax' or cfg.sisa_offset == 'paper' or fused_kernel(cfg.kernel, device)))
+    return 'reduce-overhead' if graphs else 'default'
 
 
 def load_checkpoint(path):
@@ -283,8 +297,8 @@ def train(cfg, quiet=False):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # fp16 needs loss scaling; bf16 does not
     model = raw_model
     if use_compile(cfg, device):
-        model = compiled_or_eager(raw_model, data.batch('train', 0, device), ctx, cfg.compile_mode)
-    how = 'eager' if model is raw_model else 'compiled'
+        model = compiled_or_eager(raw_model, data.batch('train', 0, device), ctx, compile_mode(cfg, device))
+    how = 'eager' if model is raw_model else f'compiled ({compile_mode(cfg, device)})'
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
