@@ -125,12 +125,13 @@ def compile_mode(cfg, device):
     """torch.compile's mode. 'auto' takes CUDA graphs ('reduce-overhead': each step's kernel launches
     replayed without Python, which bounds a tiny model's step) where they are known to work: on CUDA,
     in one process (DDP under them is untested), without gradient accumulation (torch loses
-    accumulated gradients under them), and without the chunked SDPA form (it reads its chunk count
-    on the host). Elsewhere 'default'."""
+    accumulated gradients under them), for the Transformer and the fused kernel (the chunked SDPA
+    form reads its chunk count on the host; the paper's offset has not run under them). Elsewhere
+    'default'."""
     if cfg.compile_mode != 'auto':
         return cfg.compile_mode
     graphs = (device.type == 'cuda' and cfg.gradient_accumulation_steps == 1 and 'RANK' not in os.environ
-              and (cfg.attention == 'softmax' or cfg.sisa_offset == 'paper' or fused_kernel(cfg.kernel, device)))
+              and (cfg.attention == 'softmax' or cfg.sisa_offset == 'exact' and fused_kernel(cfg.kernel, device)))
     return 'reduce-overhead' if graphs else 'default'
 
 
