@@ -469,9 +469,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        gate, up = self.c_fc(x).chunk(2, dim=-1)
-        pad = -self.d_ff % 8 if x.is_cuda else 0  # see padded_linear
-        return self.dropout(padded_linear(F.silu(gate) * up, self.c_proj, pad_in=pad))
+        pad = -self.d_ff % 8 if x.is_cuda else 0  # see padded_swiglu
+        return self.dropout(padded_swiglu(x, self.c_fc, self.c_proj, pad))
 
 
 class Block(nn.Module):
@@ -611,17 +610,27 @@ def sdpa(q, k, v, **kwargs):
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def padded_linear(x, layer, pad_in=0, pad_out=0):
-    """layer(x), computed with pad_in zero columns appended to x and to the weight, and pad_out
-    zero rows to the weight (cut off the output): the same numbers, in widths cuBLAS runs fast.
-
-    SISA's widths are odd (its SwiGLU is the Transformer's less what the SSM costs), and
-    cuBLAS's fast kernels want rows of a multiple of 16 bytes."""
+def padded_linear(x, layer, pad_out=0):
+    """layer(x), computed with pad_out zero rows appended to the weight (cut off the output): the
+    same numbers, in a width cuBLAS runs fast. SISA's widths are odd (its SwiGLU is the
+    Transformer's less what the SSM costs), and cuBLAS's fast kernels want rows of a multiple of
+    16 bytes (docs/performance.md)."""
     weight, bias = layer.weight, layer.bias
-    if pad_in:
-        x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in))
     if pad_out:
         weight = F.pad(weight, (0, 0, 0, pad_out))
         bias = None if bias is None else F.pad(bias, (0, pad_out))
     y = F.linear(x, weight, bias)
     return y[..., :layer.out_features] if pad_out else y
+
+
+def padded_swiglu(x, c_fc, c_proj, pad=0):
+    """c_proj(silu(gate) * up), where gate and up are c_fc(x)'s halves, computed with pad hidden
+    units of zero weights appended to each half: they are exactly 0 (silu(0) * 0), so the numbers
+    are the same, and every product is as wide as padded_linear's."""
+    w_fc, b_fc, w_proj = c_fc.weight, c_fc.bias, c_proj.weight
+    if pad:
+        w_fc = F.pad(w_fc.unflatten(0, (2, -1)), (0, 0, 0, pad)).flatten(0, 1)
+        b_fc = None if b_fc is None else F.pad(b_fc.unflatten(0, (2, -1)), (0, pad)).flatten()
+        w_proj = F.pad(w_proj, (0, pad))
+    gate, up = F.linear(x, w_fc, b_fc).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w_proj, c_proj.bias)

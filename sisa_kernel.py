@@ -39,8 +39,8 @@ sums every weight into the softmax's denominator and only the kept ones into o, 
 log-sum-exp is the softmax's. The backward pass is flash attention 2's: dV_j = sum_i P_ij Z_ij dO_i,
 dP_ij = Z_ij dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i), delta_i = o_i . do_i of the dropped o;
 dS feeds dq, dk and the importance's gradients as without dropout. The mask is never stored: every
-kernel draws it again from Philox (tl.rand4x, four draws a call), keyed by a seed tensor and the
-(batch, head), at a counter from i and j // 4 (_kept). Without dropout the flag DROPOUT compiles none
+kernel draws it again from Philox (tl.randint4x, eight 16-bit draws a call), keyed by a seed tensor
+and the (batch, head), at a counter from i and j // 8 (_kept). Without dropout the flag DROPOUT compiles none
 of this.
 
 `sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the SDPA form
@@ -290,14 +290,19 @@ def _dropout_key(SEED, bh):
 
 @triton.jit
 def _kept(key, i, j, L, dropout_p):
-    """Which weights P_ij of a (rows, cols) tile dropout keeps, each with probability 1 - dropout_p. One Philox
-    call gives four uniform draws: the call at counter i ceil(L / 4) + t serves keys 4t to 4t + 3, one draw
-    each, so a tile costs a quarter of the calls. j is the tile's keys, from a multiple of 4 (every tile
-    starts at one); the counters stay below 2^31 (sisa_attention_fused checks l)."""
-    t = tl.min(j, 0) // 4 + tl.arange(0, j.shape[0] // 4)
-    u0, u1, u2, u3 = tl.rand4x(key, i[:, None] * ((L + 3) // 4) + t[None, :])
-    u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))  # key 4t + k takes u_k
-    return u >= dropout_p
+    """Which weights P_ij of a (rows, cols) tile dropout keeps, each with probability 1 - dropout_p
+    (to 2^-17: the draws have 16 bits, flash attention's have 8). One Philox call gives four 32-bit
+    words, eight 16-bit draws: the call at counter i ceil(L / 8) + t serves keys 8t to 8t + 7, so a
+    tile costs an eighth of the calls. j is the tile's keys, from a multiple of 8 (every tile starts
+    at one); the counters stay below 2^31 (sisa_attention_fused checks l)."""
+    t = tl.min(j, 0) // 8 + tl.arange(0, j.shape[0] // 8)
+    r0, r1, r2, r3 = tl.randint4x(key, i[:, None] * ((L + 7) // 8) + t[None, :])
+    low = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32)  # a draw below it is dropped
+    k0, k1, k2, k3 = (r0 & 0xFFFF) >= low, (r1 & 0xFFFF) >= low, (r2 & 0xFFFF) >= low, (r3 & 0xFFFF) >= low
+    k4, k5, k6, k7 = (r0 >> 16) >= low, (r1 >> 16) >= low, (r2 >> 16) >= low, (r3 >> 16) >= low
+    # key 8t + m takes draw k_m: interleaving pairs (0, 4), (2, 6), (1, 5), (3, 7), then those, then the two
+    return tl.interleave(tl.interleave(tl.interleave(k0, k4), tl.interleave(k2, k6)),
+                         tl.interleave(tl.interleave(k1, k5), tl.interleave(k3, k7)))
 
 
 # -----------------------------------------------------------------------------

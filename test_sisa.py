@@ -293,24 +293,31 @@ def test_sisa_and_softmax_models_have_the_same_parameter_count(shape):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_padded_linear_is_the_layer_in_value_and_gradient(device, bias):
-    # CUDA pads SISA's odd widths (SwiGLU 2908, SSM 492 at 152M) so cuBLAS runs its fast kernels
-    from sisa import padded_linear
+def test_padded_linear_and_swiglu_are_the_layers_in_value_and_gradient(device, bias):
+    # CUDA pads SISA's odd widths (its SSM projection, its SwiGLU's hidden units) so cuBLAS runs its fast kernels
+    from sisa import padded_linear, padded_swiglu
     torch.manual_seed(0)
     layer = torch.nn.Linear(29, 13, bias=bias).to(device)
+    c_fc, c_proj = torch.nn.Linear(29, 2 * 11, bias=bias).to(device), torch.nn.Linear(11, 29, bias=bias).to(device)
     x = torch.randn(3, 5, 29, device=device)
+    gate, up = c_fc(x).chunk(2, dim=-1)
+    expected = [layer(x), c_proj(torch.nn.functional.silu(gate) * up)]
+    params = [layer.weight, c_fc.weight, c_proj.weight] + ([layer.bias, c_fc.bias, c_proj.bias] if bias else [])
     results = []
-    for pad_in, pad_out in ((0, 0), (3, 0), (0, 19), (3, 19)):
-        layer.zero_grad()
+    for pad in (0, 5, 19):
+        for p in params:
+            p.grad = None
         xg = x.clone().requires_grad_()
-        y = padded_linear(xg, layer, pad_in=pad_in, pad_out=pad_out)
-        assert y.shape == (3, 5, 13)
-        (y * torch.arange(13, device=device)).sum().backward()
-        results.append([y, xg.grad, layer.weight.grad] + ([layer.bias.grad] if bias else []))
+        ys = [padded_linear(xg, layer, pad_out=pad), padded_swiglu(xg, c_fc, c_proj, pad=pad)]
+        for y, e in zip(ys, expected):
+            assert y.shape == e.shape
+            torch.testing.assert_close(y, e, rtol=1e-5, atol=1e-5)
+        sum((y * torch.arange(y.size(-1), device=device)).sum() for y in ys).backward()
+        results.append([xg.grad] + [p.grad for p in params])
     for got in results[1:]:
         for a, e in zip(got, results[0]):
+            assert a.shape == e.shape
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(results[0][0], layer(x))
 
 
 def test_lambda_raw_stays_fp32_and_every_ssm_parameter_gets_a_gradient_under_bf16_autocast():
