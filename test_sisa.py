@@ -549,8 +549,9 @@ def test_the_kernels_dropout_is_sdpas_with_the_mask_it_draws(device):
 
 
 def test_the_kernels_dropout_keeps_each_weight_with_probability_one_minus_p(device):
-    # over the causal pairs: the rate within 5 standard errors of 1 - p, and two heads, two sequences or two
-    # neighbouring keys (one Philox call draws for four) agree on a weight as often as independent draws do
+    # over the causal pairs: the rate within 5 standard errors of 1 - p, and two heads, two sequences, two
+    # neighbouring keys or two keys four apart (one Philox call draws for eight, keys 4 apart from one 32-bit
+    # word's halves) agree on a weight as often as independent draws do
     if 'triton' not in kernels(device):
         pytest.skip('the fused kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1')
     import sisa_kernel
@@ -563,7 +564,8 @@ def test_the_kernels_dropout_keeps_each_weight_with_probability_one_minus_p(devi
         assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel()), p
         same = (1 - p) ** 2 + p ** 2
         for x, y in ((keep[0, 0], keep[0, 1]), (keep[0, 0], keep[1, 0]), (mask[..., 0::2], mask[..., 1::2]),
-                     (mask[..., 1::4], mask[..., 2::4])):
+                     (mask[..., 1::4], mask[..., 2::4]), (mask[..., 0::8], mask[..., 4::8]),
+                     (mask[..., 3::8], mask[..., 7::8])):
             assert abs((x == y).float().mean().item() - same) < 5 * math.sqrt(same * (1 - same) / x.numel()), p
 
 
