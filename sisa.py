@@ -18,7 +18,7 @@ scaled_dot_product_attention call, with no recurrent state and no custom kernel.
 Read top to bottom: rotations; the SSM's inputs (C, B, log alpha, theta from x);
 the naive scan (the ground truth) and the vectorized importance; SISA attention as
 one SDPA call, then its exact chunked form and the dispatch to the fused kernel;
-then the GPT around it. Two backend workarounds sit at the end.
+then the GPT around it. Three backend workarounds sit at the end.
 
 Glossary of dimensions:
     b   batch size
@@ -28,6 +28,7 @@ Glossary of dimensions:
     d_h head width, d // h                   (q, k, v)
     d_s SSM channel width, even              (d_state; B, C; theta has d_s // 2)
     V   vocabulary size
+    n   keys cached so far (decoding)
 """
 
 import importlib.util
@@ -90,7 +91,8 @@ def ssm_inputs(u, a_bias, lambda_raw, d_state):
 
 # -----------------------------------------------------------------------------
 # The importance term, twice: a naive scan to read and test against, and the
-# vectorized form that feeds the attention kernel.
+# vectorized L x L form, the same split into a query side and a key side that the
+# attention below concatenates onto q and k (it never builds the L x L matrix).
 
 def importance_naive(C, B, log_alpha, theta, lam):
     """lambda * Cbar_i . Bbar_j by the obvious loop over time (the paper's SSM, Sec. 3).
@@ -131,7 +133,8 @@ def max_decay_span(dtype):
     and the masked products Cbar_i . Bbar_j with j > i, which some SDPA backends
     compute before masking, up to exp(span). Those must stay finite, with room
     (2^10) for |C| |B| d_s lambda sqrt(d_h). The paper's fixed clamp of 11 is about
-    log(65504), fp16's range; bf16 has fp32's exponent, so it holds about 80 nats.
+    log(65504), fp16's range, so fp16 holds about 4 nats; bf16 has fp32's exponent,
+    so it holds about 82, as fp32 does.
     """
     return math.log(torch.finfo(dtype).max) - 10 * math.log(2)
 
@@ -179,8 +182,8 @@ def sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p=0.0):
     With s = d_h^(1/4) sqrt(lambda), Qhat = [q ; s Cbar] and Khat = [k ; s Bbar]:
     Qhat.Khat / sqrt(d_h) = q.k / sqrt(d_h) + lambda Cbar.Bbar. The scale is passed
     explicitly because SDPA's default would be 1 / sqrt(d_h + d_s). Exact while
-    exp(g - c) and exp(c - g) stay in the dtype (max_decay_span); sisa_attention
-    makes sure they do.
+    exp(g - c) and exp(c - g) stay in the dtype (max_decay_span);
+    sisa_attention_chunked makes sure they do.
     Args:
         q, k, v: (b, h, l, d_h), RoPE already applied to q and k
         g, RC, RB: from ssm_channels; lam: (h,)
@@ -204,8 +207,9 @@ def sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
     last token, breaks causality. Then the queries are split into chunks that each fit,
     each chunk with its own offset: the cumulative decay at its first query. Keys from the
     far past underflow to 0, which is their true weight. Each chunk is one SDPA call with a
-    lower-right causal mask, so a head that forgets N nats per block costs about N / 80
-    calls: fine for the short blocks of a CPU; the fused kernel does it in one launch. Args, Returns: as sisa_attention.
+    lower-right causal mask, so a head that forgets N nats per block costs about
+    N / max_decay_span calls: fine for the short blocks of a CPU; the fused kernel does it
+    in one launch. Args, Returns: as sisa_attention, which also takes kernel and offset.
     """
     g, RC, RB = ssm_channels(C, B, log_alpha, theta)
     span = g[..., 0] - g[..., -1]  # (b, h); g never increases
@@ -329,6 +333,9 @@ class GPTConfig:
             raise ValueError(f"n_embd // n_head ({self.n_embd // self.n_head}) must be even for RoPE")
         if self.d_state < 2 or self.d_state % 2 != 0:
             raise ValueError(f"d_state must be even and >= 2 (pairs are rotated), got {self.d_state}")
+        if self.ffn_hidden() < 1:  # SISA's SSM costs more than the Transformer's SwiGLU holds
+            raise ValueError(f"d_state={self.d_state} leaves SISA no SwiGLU units to match the Transformer's "
+                             f"{self.d_ff or 8 * ((8 * self.n_embd // 3 + 7) // 8)}: lower d_state or raise d_ff or n_embd")
 
     def ssm_widths(self):
         """Output widths of the SSM projections per layer: B, C, a, theta (empty for softmax)."""
@@ -372,7 +379,7 @@ class CausalSelfAttention(nn.Module):
         if self.sisa:
             # b_a = -5: alpha = exp(-softplus(-5)) ~ 0.9933, a half-life of about 100 tokens
             self.a_bias = nn.Parameter(torch.full((config.n_head,), -5.0))
-            # lambda = softplus(lambda_raw) ~ 0.31. Kept fp32 by autocast: bf16 would round its updates away
+            # lambda = softplus(lambda_raw) ~ 0.31, fp32 under autocast too (a test holds it)
             self.lambda_raw = nn.Parameter(torch.full((config.n_head,), math.log(math.expm1(0.31))))
         self.record_stats = False  # train.py turns this on to read SISA's diagnostics
         self.stats = None
@@ -395,7 +402,7 @@ class CausalSelfAttention(nn.Module):
         q, k = rotate(q, angles).type_as(v), rotate(k, angles).type_as(v)
         if not self.sisa:
             return q, k, v, None
-        pad = -self.c_ssm.out_features % 64 if x.is_cuda else 0  # see padded_linear
+        pad = -self.c_ssm.out_features % 64 if x.is_cuda else 0  # 492 -> 512 at 152M; see padded_linear
         u = padded_linear(x, self.c_ssm, pad_out=pad)                # (b, l, h (2 d_s + 1 + d_s/2))
         return q, k, v, ssm_inputs(u, self.a_bias, self.lambda_raw, self.d_state)
 
@@ -453,7 +460,7 @@ class CausalSelfAttention(nn.Module):
 
     @torch.no_grad()
     def record(self, log_alpha, lam, dtype):
-        span = -log_alpha.sum(-1)  # (b, h) nats of decay across the sequence
+        span = -log_alpha[..., 1:].sum(-1)  # (b, h) nats of decay across the sequence: g_0 - g_last
         self.stats = dict(lam=lam.tolist(), half_life=(math.log(2) / -log_alpha.mean(dim=(0, 2))).tolist(),
                           span=span.max().item(), chunked=bool(span.max() > max_decay_span(dtype)))
 

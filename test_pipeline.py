@@ -581,6 +581,7 @@ def exit_message(fn, argv):
     (['--compile_mode=reduce-overhead', '--gradient_accumulation_steps=2'], 'loses or refuses accumulated gradients'),
     (['--dataset=recall', '--block_size=32'], '--dataset=recall needs --block_size of at least 64'),
     (['--dataset=recall', '--block_size=256', '--recall_vocab=32'], 'too few distinct keys for 16 pairs'),
+    (['--d_state=64'], 'd_state=64 leaves SISA no SwiGLU units'),
 ])
 def test_every_bad_value_stops_with_one_line_naming_its_flag(workdir, flags, message):
     got = exit_message(tr.main, TINY + flags)

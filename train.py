@@ -5,8 +5,8 @@ $ python train.py                                   # needle-in-a-haystack, offl
 $ python train.py --attention=softmax --out_dir=out-softmax   # the same run with plain attention
 $ python train.py --dataset=shakespeare_char --block_size=256 --n_layer=6 --n_embd=384 --n_head=6 --out_dir=out-shakespeare
 $ python train.py config/recall.py                   # associative recall, answers scored (dataset.py)
-$ python train.py --init_from=resume --max_iters=8000   # continue out/ckpt.pt
-$ torchrun --standalone --nproc_per_node=4 train.py # several GPUs (DDP)
+$ python train.py --init_from=resume --max_iters=8000   # continue out/ckpt.pt (the schedule stretches)
+$ torchrun --standalone --nproc_per_node=4 train.py --gradient_accumulation_steps=4  # several GPUs (DDP)
 
 compare.py trains both models over several seeds and prints a table; bench.py times them.
 Every setting below is a --name=value flag, and a bare --flag is True for a boolean
@@ -42,7 +42,7 @@ class TrainConfig:
     eval_interval: int = opt(250, 'evaluate every this many steps')
     eval_iters: int = opt(10, 'batches per loss estimate')
     eval_needles: int = opt(200, 'held-out needle prompts per evaluation (copy corpus: probes per length)')
-    always_save_checkpoint: bool = opt(True, 'save at every evaluation, not only when val loss improves')
+    always_save_checkpoint: bool = opt(True, 'save at every evaluation (False: only when val loss improves)')
     overwrite: bool = opt(False, "start afresh in an out_dir that holds another run's checkpoint, replacing it")
     # data
     dataset: str = opt('needle', "folder under data/: 'needle' (prepared if missing), 'shakespeare_char', ...; "
@@ -364,9 +364,8 @@ def train(cfg, quiet=False):
         bar.update(1)
     bar.close()
     ctrl_c.restore()
-    if master and (ctrl_c.pressed or cfg.max_iters > 0):
+    if master and ctrl_c.pressed:  # a finished run was saved by its last evaluation
         checkpoint()
-    if master and ctrl_c.pressed:
         print(f'interrupted: saved step {iter_num} to {ckpt_path}; continue with --init_from=resume')
     elif master and cfg.sample_tokens and not quiet:
         print_sample(raw_model, data, device, ctx, cfg.sample_tokens)
