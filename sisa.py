@@ -98,9 +98,10 @@ def importance_naive(C, B, log_alpha, theta, lam):
     """lambda * Cbar_i . Bbar_j by the obvious loop over time (the paper's SSM, Sec. 3).
 
     Every past key j keeps its own d_s-dimensional state. At step t each state is
-    decayed by alpha_t and turned by theta_t (clockwise: the state lives in key
-    coordinates, so turning it back by theta is what (R C_i) . (R B_j) means),
-    then B_t is written in as key t's state, and every state is read out with C_t.
+    decayed by alpha_t and turned by -theta_t, then B_t is written in as key t's
+    state, and every state is read out with C_t. The turn is clockwise because
+    (R(Phi_i) C_i) . (R(Phi_j) B_j) = C_i . R(Phi_j - Phi_i) B_j: key j's state turned
+    back by every theta since j.
     No cumsum, no exp of a sum, no offset: it only ever multiplies by alpha <= 1,
     so it is slow, obvious and stable. It exists to teach and to test; use
     `importance` or `sisa_attention` for real work.
