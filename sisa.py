@@ -320,6 +320,7 @@ class GPTConfig:
     d_ff: int = 0              # the Transformer's SwiGLU width (0: 8d/3); SISA shrinks its own to match
     kernel: str = 'auto'       # SISA attention: 'auto', 'triton' or 'sdpa' (see fused_kernel)
     sisa_offset: str = 'exact' # 'exact', or 'paper': the paper's clamped offset (paper_attention), an ablation
+    short_conv: int = 0        # width of a causal convolution before each attention (ShortConv); 0: none
 
     def __post_init__(self):
         for name, allowed in (('attention', ('sisa', 'softmax')), ('kernel', ('auto', 'triton', 'sdpa')),
@@ -328,6 +329,8 @@ class GPTConfig:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if self.d_ff < 0:
             raise ValueError(f"d_ff must be >= 0 (0: 8 n_embd / 3), got {self.d_ff}")
+        if self.short_conv < 0 or self.short_conv == 1:
+            raise ValueError(f"short_conv must be 0 (none) or a width >= 2, got {self.short_conv}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if (self.n_embd // self.n_head) % 2 != 0:
@@ -409,7 +412,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None):
         b, l, d = x.shape
-        start = cache['len'] if cache else 0  # position of x's first token
+        start = cache.get('len', 0) if cache is not None else 0  # position of x's first token
         q, k, v, ssm = self.project(x, start)
         if not self.sisa:
             if cache is not None:
@@ -481,17 +484,40 @@ class MLP(nn.Module):
         return self.dropout(padded_swiglu(x, self.c_fc, self.c_proj, pad))
 
 
+class ShortConv(nn.Module):
+    """x plus a depthwise causal convolution of x over its last `width` tokens. Off by default; Zoology's
+    associative-recall models put one before each attention: it hands every token its predecessors,
+    which attention alone has to learn to fetch. Zero weights at init: the identity."""
+
+    def __init__(self, d, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d, 1, width))
+
+    def forward(self, x, cache=None):
+        # the width - 1 tokens before x: from the cache when decoding, else zeros (x starts the sequence)
+        before = cache['conv'] if cache and 'conv' in cache else x.new_zeros(x.size(0), self.weight.size(-1) - 1, x.size(-1))
+        xs = torch.cat([before, x], dim=1)                      # (b, width - 1 + l, d)
+        if cache is not None:
+            cache['conv'] = xs[:, xs.size(1) - before.size(1):]
+        y = F.conv1d(xs.transpose(1, 2), self.weight.to(x.dtype), groups=x.size(-1))  # (b, d, l)
+        return x + y.transpose(1, 2)
+
+
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.RMSNorm(config.n_embd, eps=1e-6)
+        self.conv = ShortConv(config.n_embd, config.short_conv) if config.short_conv else None
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.RMSNorm(config.n_embd, eps=1e-6)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+        h = self.ln_1(x)
+        if self.conv is not None:
+            h = self.conv(h, cache)
+        x = x + self.attn(h, cache)
         return x + self.mlp(self.ln_2(x))
 
 

@@ -214,6 +214,37 @@ def test_changing_future_tokens_changes_no_past_logit(attention):
     assert (logits[:, t + 1:] - logits2[:, t + 1:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("attention", ["sisa", "softmax"])
+def test_the_short_convolution_starts_as_the_identity_stays_causal_and_decodes_cached(attention):
+    # --short_conv=3 puts a causal convolution before each attention (Zoology's recall models): zero weights
+    # at init change no logit; trained (random) weights reach only earlier tokens, and the cache carries them
+    torch.manual_seed(0)
+    plain = GPT(tiny_config(attention=attention)).eval()
+    torch.manual_seed(0)
+    model = GPT(tiny_config(attention=attention, short_conv=3)).eval()
+    idx = torch.randint(0, 50, (2, 32))
+    assert torch.equal(model(idx, idx)[0], plain(idx, idx)[0])
+    assert model.get_num_params() == plain.get_num_params() + 2 * 32 * 3
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.conv.weight.normal_(std=0.5)
+    logits, _ = model(idx, idx)
+    assert (logits - plain(idx, idx)[0]).abs().max() > 1e-3
+    t = 13
+    other = idx.clone()
+    other[:, t + 1:] = (other[:, t + 1:] + 1) % 50
+    logits2, _ = model(other, other)
+    torch.testing.assert_close(logits[:, :t + 1], logits2[:, :t + 1], rtol=1e-5, atol=1e-5)
+    assert (logits[:, t + 1:] - logits2[:, t + 1:]).abs().max() > 1e-3
+    cache = model.new_cache()
+    model(idx[:, :5], cache=cache)
+    for i in range(5, 32):
+        step, _ = model(idx[:, i:i + 1], cache=cache)
+        torch.testing.assert_close(step[:, -1], logits[:, i], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match='short_conv'):
+        tiny_config(short_conv=1)
+
+
 def fast_forgetting_model(seed=0, **kw):
     """A SISA model whose heads forget fast and data-dependently (50+ nats in a block)."""
     torch.manual_seed(seed)

@@ -63,6 +63,7 @@ class TrainConfig:
     bias: bool = opt(False, 'bias in Linear layers')
     lambda_fixed: bool = opt(False, 'SISA: freeze lambda at its init, 0.31 (ablation: fixed vs learned)')
     sisa_offset: str = opt('exact', "SISA: 'exact', or 'paper': the paper's clamped offset (ablation; not causal)")
+    short_conv: int = opt(0, 'width of a causal convolution before each attention, both models (Zoology recall: 3)')
     # optimizer: AdamW, linear warmup then cosine decay
     learning_rate: float = opt(3e-3, 'peak learning rate')
     max_iters: int = opt(5000, 'optimizer steps')
@@ -114,7 +115,7 @@ def model_config(cfg, vocab_size):
     return GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, n_embd=cfg.n_embd, d_state=cfg.d_state,
                      attention=cfg.attention, dropout=cfg.dropout, bias=cfg.bias, d_ff=cfg.d_ff,
-                     kernel=cfg.kernel, sisa_offset=cfg.sisa_offset)
+                     kernel=cfg.kernel, sisa_offset=cfg.sisa_offset, short_conv=cfg.short_conv)
 
 
 def use_compile(cfg, device):
@@ -210,7 +211,7 @@ def start_processes(cfg):
 
 # settings a resumed run cannot change: its weights and optimizer state were made with them
 RUN_FIXED = {'dataset', 'n_layer', 'n_head', 'n_embd', 'd_state', 'attention', 'd_ff', 'bias', 'block_size',
-             'sisa_offset', 'lambda_fixed', 'recall_vocab'}
+             'sisa_offset', 'lambda_fixed', 'recall_vocab', 'short_conv'}
 
 
 def resumed(cfg, ckpt_path):
