@@ -495,7 +495,9 @@ class ShortConv(nn.Module):
 
     def forward(self, x, cache=None):
         # the width - 1 tokens before x: from the cache when decoding, else zeros (x starts the sequence)
-        before = cache['conv'] if cache and 'conv' in cache else x.new_zeros(x.size(0), self.weight.size(-1) - 1, x.size(-1))
+        before = cache.get('conv') if cache is not None else None
+        if before is None:
+            before = x.new_zeros(x.size(0), self.weight.size(-1) - 1, x.size(-1))
         xs = torch.cat([before, x], dim=1)                      # (b, width - 1 + l, d)
         if cache is not None:
             cache['conv'] = xs[:, xs.size(1) - before.size(1):]
