@@ -40,7 +40,8 @@ log-sum-exp is the softmax's. The backward pass is flash attention 2's: dV_j = s
 dP_ij = Z_ij dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i), delta_i = o_i . do_i of the dropped o;
 dS feeds dq, dk and the importance's gradients as without dropout. The mask is never stored: every
 kernel draws it again from Philox (tl.randint4x, eight 16-bit draws a call), keyed by a seed tensor
-and the (batch, head), at a counter from i and j // 8 (_kept). Without dropout the flag DROPOUT compiles none
+and the (batch, head), at a counter from the pair's 16 x 16 group, one call for the eight weights
+that one thread of a tensor-core tile holds (_kept). Without dropout the flag DROPOUT compiles none
 of this.
 
 `sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the SDPA form
@@ -292,17 +293,26 @@ def _dropout_key(SEED, bh):
 def _kept(key, i, j, L, dropout_p):
     """Which weights P_ij of a (rows, cols) tile dropout keeps, each with probability 1 - dropout_p
     (to 2^-17: the draws have 16 bits, flash attention's have 8). One Philox call gives four 32-bit
-    words, eight 16-bit draws: the call at counter i ceil(L / 8) + t serves keys 8t to 8t + 7, so a
-    tile costs an eighth of the calls. j is the tile's keys, from a multiple of 8 (every tile starts
-    at one); the counters stay below 2^31 (sisa_attention_fused checks l)."""
-    t = tl.min(j, 0) // 8 + tl.arange(0, j.shape[0] // 8)
-    r0, r1, r2, r3 = tl.randint4x(key, i[:, None] * ((L + 7) // 8) + t[None, :])
+    words, eight 16-bit draws, for the eight weights one thread holds of a tensor-core tile's 16 x 16
+    group: rows r and r + 8, keys 2c, 2c + 1, 2c + 8 and 2c + 9. So each thread draws its own weights
+    and no draw moves between threads (a shuffle through shared memory per tile otherwise), and a
+    tile costs an eighth of the calls. i and j start at multiples of 16 (every tile does); the
+    counters stay below 2^31 (sisa_attention_fused checks l)."""
+    M: tl.constexpr = i.shape[0]
+    N: tl.constexpr = j.shape[0]
+    rows = tl.min(i, 0) // 2 + tl.arange(0, M // 2)  # (i // 16) 8 + i % 8: rows r and r + 8 share a call
+    cols = tl.min(j, 0) // 4 + tl.arange(0, N // 4)  # (j // 16) 4 + (j % 8) // 2: keys 2c, 2c + 1, 2c + 8, 2c + 9
+    r0, r1, r2, r3 = tl.randint4x(key, rows[:, None] * ((L + 15) // 16 * 4) + cols[None, :])
     low = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32)  # a draw below it is dropped
-    k0, k1, k2, k3 = (r0 & 0xFFFF) >= low, (r1 & 0xFFFF) >= low, (r2 & 0xFFFF) >= low, (r3 & 0xFFFF) >= low
-    k4, k5, k6, k7 = (r0 >> 16) >= low, (r1 >> 16) >= low, (r2 >> 16) >= low, (r3 >> 16) >= low
-    # key 8t + m takes draw k_m: interleaving pairs (0, 4), (2, 6), (1, 5), (3, 7), then those, then the two
-    return tl.interleave(tl.interleave(tl.interleave(k0, k4), tl.interleave(k2, k6)),
-                         tl.interleave(tl.interleave(k1, k5), tl.interleave(k3, k7)))
+    bits = (((r0 & 0xFFFF) >= low).to(tl.int32) | (((r1 & 0xFFFF) >= low).to(tl.int32) << 1)
+            | (((r2 & 0xFFFF) >= low).to(tl.int32) << 2) | (((r3 & 0xFFFF) >= low).to(tl.int32) << 3)
+            | (((r0 >> 16) >= low).to(tl.int32) << 4) | (((r1 >> 16) >= low).to(tl.int32) << 5)
+            | (((r2 >> 16) >= low).to(tl.int32) << 6) | (((r3 >> 16) >= low).to(tl.int32) << 7))
+    # each call's bits to its eight weights: i = 16 A + 8 h + r, j = 16 a + 8 n + 2 c + e, draw 4 h + 2 n + e
+    groups = tl.reshape(bits, (M // 16, 1, 8, N // 16, 1, 4, 1))
+    wide = tl.reshape(tl.broadcast_to(groups, (M // 16, 2, 8, N // 16, 2, 4, 2)), (M, N))
+    draw = 4 * ((i // 8) % 2)[:, None] + (2 * ((j // 8) % 2) + j % 2)[None, :]
+    return ((wide >> draw) & 1) != 0
 
 
 # -----------------------------------------------------------------------------

@@ -580,9 +580,9 @@ def test_the_kernels_dropout_is_sdpas_with_the_mask_it_draws(device):
 
 
 def test_the_kernels_dropout_keeps_each_weight_with_probability_one_minus_p(device):
-    # over the causal pairs: the rate within 5 standard errors of 1 - p, and two heads, two sequences, two
-    # neighbouring keys or two keys four apart (one Philox call draws for eight, keys 4 apart from one 32-bit
-    # word's halves) agree on a weight as often as independent draws do
+    # over the causal pairs: the rate within 5 standard errors of 1 - p, and two heads, two sequences, and
+    # weights that share a Philox call (keys 1 or 8 apart; rows 8 apart, the halves of one 32-bit word)
+    # or sit in neighbouring calls (keys 2 apart) agree on a weight as often as independent draws do
     if 'triton' not in kernels(device):
         pytest.skip('the fused kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1')
     import sisa_kernel
@@ -595,8 +595,9 @@ def test_the_kernels_dropout_keeps_each_weight_with_probability_one_minus_p(devi
         assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel()), p
         same = (1 - p) ** 2 + p ** 2
         for x, y in ((keep[0, 0], keep[0, 1]), (keep[0, 0], keep[1, 0]), (mask[..., 0::2], mask[..., 1::2]),
-                     (mask[..., 1::4], mask[..., 2::4]), (mask[..., 0::8], mask[..., 4::8]),
-                     (mask[..., 3::8], mask[..., 7::8])):
+                     (mask[..., 1::4], mask[..., 2::4]), (mask[..., 0::16], mask[..., 8::16]),
+                     (mask[..., 5::16], mask[..., 13::16]), (mask[..., 0::16, :], mask[..., 8::16, :]),
+                     (mask[..., 3::16, :], mask[..., 11::16, :])):
             assert abs((x == y).float().mean().item() - same) < 5 * math.sqrt(same * (1 - same) / x.numel()), p
 
 
