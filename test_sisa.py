@@ -230,6 +230,9 @@ def test_the_short_convolution_starts_as_the_identity_stays_causal_and_decodes_c
             block.conv.weight.normal_(std=0.5)
     logits, _ = model(idx, idx)
     assert (logits - plain(idx, idx)[0]).abs().max() > 1e-3
+    conv, x = model.transformer.h[0].conv, torch.randn(2, 32, 32)  # a depthwise convolution over 3 tokens
+    ref = F.conv1d(F.pad(x.transpose(1, 2), (2, 0)), conv.weight, groups=32).transpose(1, 2)
+    torch.testing.assert_close(conv(x), x + ref, rtol=1e-5, atol=1e-5)
     t = 13
     other = idx.clone()
     other[:, t + 1:] = (other[:, t + 1:] + 1) % 50
