@@ -300,8 +300,8 @@ def _kept(key, i, j, L, dropout_p):
     counters stay below 2^31 (sisa_attention_fused checks l)."""
     M: tl.constexpr = i.shape[0]
     N: tl.constexpr = j.shape[0]
-    rows = tl.min(i, 0) // 2 + tl.arange(0, M // 2)  # (i // 16) 8 + i % 8: rows r and r + 8 share a call
-    cols = tl.min(j, 0) // 4 + tl.arange(0, N // 4)  # (j // 16) 4 + (j % 8) // 2: keys 2c, 2c + 1, 2c + 8, 2c + 9
+    rows = tl.min(i, 0) // 2 + tl.arange(0, M // 2)  # (i // 16) * 8 + i % 8: rows r and r + 8 share a call
+    cols = tl.min(j, 0) // 4 + tl.arange(0, N // 4)  # (j // 16) * 4 + (j % 8) // 2: keys 2c, 2c + 1, 2c + 8, 2c + 9
     r0, r1, r2, r3 = tl.randint4x(key, rows[:, None] * ((L + 15) // 16 * 4) + cols[None, :])
     low = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32)  # a draw below it is dropped
     bits = (((r0 & 0xFFFF) >= low).to(tl.int32) | (((r1 & 0xFFFF) >= low).to(tl.int32) << 1)
