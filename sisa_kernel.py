@@ -38,10 +38,12 @@ probability 1 - p and scaled by 1 / (1 - p); Z_ij is that factor, 0 or 1 / (1 - 
 sums every weight into the softmax's denominator and only the kept ones into o, so the saved
 log-sum-exp is the softmax's. The backward pass is flash attention 2's: dV_j = sum_i P_ij Z_ij dO_i,
 dP_ij = Z_ij dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i), delta_i = o_i . do_i of the dropped o;
-dS feeds dq, dk and the importance's gradients as without dropout. The mask is never stored: every
-kernel draws it again from Philox (tl.randint4x, eight 16-bit draws a call), keyed by a seed tensor
-and the (batch, head), at a counter from the pair's 16 x 16 group, one call for the eight weights
-that one thread of a tensor-core tile holds (_kept). Without dropout the flag DROPOUT compiles none
+dS feeds dq, dk and the importance's gradients as without dropout. A small kernel draws the mask
+once a call (_dropout_bits) from Philox (tl.randint4x, eight 16-bit draws a call), keyed by a seed
+tensor and the (batch, head), at a counter from the pair's 16 x 16 group, and stores it as bits: a
+byte for the eight weights one thread of a tensor-core tile holds, l^2 / 8 bytes a head. The three
+attention kernels read it (_mask_tile, _unpack): Philox drawn inside each of them was slower, and
+filled registers the tiles need (docs/performance.md). Without dropout the flag DROPOUT compiles none
 of this.
 
 `sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the SDPA form
@@ -78,8 +80,8 @@ def sisa_attention_fused(q, k, v, RC, RB, g, lam, dropout_p=0.0):
     seed = dropout_seed(q.device) if dropout_p > 0 else None
     q, k, v = (_pad_to_pow2(t) for t in (q, k, v))
     RC, RB = (_pad_to_pow2(t.float()).contiguous() for t in (RC, RB))  # fp32: see _launch
-    o, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam.float().contiguous(), seed,
-                      1.0 / math.sqrt(d_h), dropout_p)
+    o, _, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam.float().contiguous(), seed,
+                         1.0 / math.sqrt(d_h), dropout_p)
     return o[..., :d_h]
 
 
@@ -90,12 +92,26 @@ def dropout_seed(device):
 
 
 def dropout_mask(seed, b, h, l, dropout_p):
-    """The keep mask that the attention kernels draw from seed for (b, h, l, .) inputs: (b, h, l, l) bool,
-    the causal mask not applied. For the tests, which hold the kernel to a reference with this very mask."""
-    keep = torch.empty(b * h, l, l, dtype=torch.int8, device=seed.device)
-    _dropout_mask[(triton.cdiv(l, 16), b * h)](seed, keep, l, dropout_p, ROWS=16,
-                                                WIDTH=max(16, triton.next_power_of_2(l)))
-    return keep.view(b, h, l, l).bool()
+    """The keep mask that the attention kernels read for (b, h, l, .) inputs and this seed: (b, h, l, l) bool,
+    the causal mask not applied. For the tests, which hold the kernel to a reference with this very mask:
+    the bits as the kernels store them (_dropout_bits), unpacked here as _unpack does, written once more."""
+    bits = _draw_bits(seed, b, h, l, dropout_p, 64, causal=False).view(b, h, -1, 64 * triton.cdiv(l, 64) // 4)
+    i = j = torch.arange(l, device=seed.device)
+    byte = bits[:, :, (i // 16 * 8 + i % 8)[:, None], (j // 16 * 4 + j % 8 // 2)[None, :]].int()
+    return ((byte >> (4 * (i // 8 % 2)[:, None] + (2 * (j // 8 % 2) + j % 2)[None, :])) & 1).bool()
+
+
+def _mask_bytes(l, block):
+    """A (batch, head)'s stored dropout bits in bytes, as _mask_size: (l / 2) x (l / 4), l padded to a multiple of block."""
+    padded = triton.cdiv(l, block) * block
+    return (padded // 2) * (padded // 4)
+
+
+def _draw_bits(seed, b, h, l, dropout_p, block, causal=True):
+    """The stored dropout mask (_dropout_bits): (b h, bytes), a bit a weight."""
+    bits = torch.empty(b * h, _mask_bytes(l, block), dtype=torch.uint8, device=seed.device)
+    _dropout_bits[(triton.cdiv(l, block), b * h)](seed, bits, l, dropout_p, BLOCK=block, CAUSAL=causal)
+    return bits
 
 
 def channels(C, B, log_alpha, theta):
@@ -129,8 +145,8 @@ def cumsum(x, dim, reverse=False):
 #   _backward_dkdv       dk, dv, dL/dRB, dL/dg = query side - key side (_dkdv_step)
 #   shared helpers       _scores: score_ij of a tile; _channel, _decayed, _tf32: C and B tiles as the
 #                        dots read them; _forgotten, _remembered_keys, _remembered_queries: the key
-#                        blocks whose importance is 0 in fp32; _dropout_key, _kept: the dropout mask, drawn
-#                        again by each kernel (_dropout_mask: the same, written out for the tests)
+#                        blocks whose importance is 0 in fp32; _mask_tile, _unpack: a tile's dropout mask
+#   _dropout_bits        the dropout mask, drawn once a call into bits (_dropout_key, _draw)
 # channels, sisa.ssm_channels
 #   _channels_forward    g = cumsum log_alpha, Phi = cumsum theta, then R(Phi) C and R(Phi) B
 #   _channels_backward   dL/dC, dL/dB through R(Phi)^T, and dL/dPhi
@@ -290,25 +306,52 @@ def _dropout_key(SEED, bh):
 
 
 @triton.jit
-def _kept(key, i, j, L, dropout_p):
-    """Which weights P_ij of a (rows, cols) tile dropout keeps, each with probability 1 - dropout_p
-    (to 2^-17: the draws have 16 bits, flash attention's have 8). One Philox call gives four 32-bit
-    words, eight 16-bit draws, for the eight weights one thread holds of a tensor-core tile's 16 x 16
-    group: rows r and r + 8, keys 2c, 2c + 1, 2c + 8 and 2c + 9. So each thread draws its own weights
-    and no draw moves between threads (a shuffle through shared memory per tile otherwise), and a
-    tile costs an eighth of the calls. i and j start at multiples of 16 (every tile does); the
+def _draw(key, i, j, L, dropout_p):
+    """The dropout bits of a (rows, cols) tile from Philox: (rows / 2, cols / 4) int32s of eight bits, a bit
+    set where the weight is kept (probability 1 - dropout_p to 2^-17: the draws have 16 bits, flash
+    attention's have 8). One Philox call gives four 32-bit words, eight 16-bit draws, for the eight weights
+    one thread holds of a tensor-core tile's 16 x 16 group: rows r and r + 8, keys 2c, 2c + 1, 2c + 8 and
+    2c + 9 (_unpack). So each thread draws its own weights and no draw moves between threads (a shuffle
+    through shared memory per tile otherwise). i and j start at multiples of 16 (every tile does); the
     counters stay below 2^31 (sisa_attention_fused checks l)."""
-    M: tl.constexpr = i.shape[0]
-    N: tl.constexpr = j.shape[0]
-    rows = tl.min(i, 0) // 2 + tl.arange(0, M // 2)  # (i // 16) * 8 + i % 8: rows r and r + 8 share a call
-    cols = tl.min(j, 0) // 4 + tl.arange(0, N // 4)  # (j // 16) * 4 + (j % 8) // 2: keys 2c, 2c + 1, 2c + 8, 2c + 9
+    rows, cols = _mask_rows_cols(i, j)
     r0, r1, r2, r3 = tl.randint4x(key, rows[:, None] * ((L + 15) // 16 * 4) + cols[None, :])
     low = tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32)  # a draw below it is dropped
-    bits = (((r0 & 0xFFFF) >= low).to(tl.int32) | (((r1 & 0xFFFF) >= low).to(tl.int32) << 1)
+    return (((r0 & 0xFFFF) >= low).to(tl.int32) | (((r1 & 0xFFFF) >= low).to(tl.int32) << 1)
             | (((r2 & 0xFFFF) >= low).to(tl.int32) << 2) | (((r3 & 0xFFFF) >= low).to(tl.int32) << 3)
             | (((r0 >> 16) >= low).to(tl.int32) << 4) | (((r1 >> 16) >= low).to(tl.int32) << 5)
             | (((r2 >> 16) >= low).to(tl.int32) << 6) | (((r3 >> 16) >= low).to(tl.int32) << 7))
-    # each call's bits to its eight weights: i = 16 A + 8 h + r, j = 16 a + 8 n + 2 c + e, draw 4 h + 2 n + e
+
+
+@triton.jit
+def _mask_rows_cols(i, j):
+    """Where a (rows, cols) tile's dropout bits sit: the Philox counter's row and column, and the stored
+    mask's, of each group of eight weights that one call draws."""
+    rows = tl.min(i, 0) // 2 + tl.arange(0, i.shape[0] // 2)  # (i // 16) * 8 + i % 8: rows r and r + 8 share a call
+    cols = tl.min(j, 0) // 4 + tl.arange(0, j.shape[0] // 4)  # (j // 16) * 4 + (j % 8) // 2: keys 2c, 2c + 1, 2c + 8, 2c + 9
+    return rows, cols
+
+
+@triton.jit
+def _mask_size(L, BLOCK: tl.constexpr):
+    """Bytes of one (batch, head)'s stored dropout bits: (l / 2) x (l / 4), l padded to a multiple of BLOCK."""
+    return (L + BLOCK - 1) // BLOCK * (BLOCK // 2) * ((L + BLOCK - 1) // BLOCK * (BLOCK // 4))
+
+
+@triton.jit
+def _mask_tile(MASK, i, j, L, BLOCK: tl.constexpr):
+    """Pointers to a (rows, cols) tile's dropout bits in one (batch, head)'s stored mask: a byte for each
+    call's eight weights, rows of l / 4 bytes with l padded to a multiple of BLOCK, so every tile is inside."""
+    rows, cols = _mask_rows_cols(i, j)
+    return MASK + rows[:, None] * ((L + BLOCK - 1) // BLOCK * (BLOCK // 4)) + cols[None, :]
+
+
+@triton.jit
+def _unpack(bits, i, j):
+    """The (rows, cols) keep mask from a tile's bits (_draw), each call's eight bits to its eight weights:
+    i = 16 A + 8 h + r and j = 16 a + 8 n + 2 c + e take bit 4 h + 2 n + e."""
+    M: tl.constexpr = i.shape[0]
+    N: tl.constexpr = j.shape[0]
     groups = tl.reshape(bits, (M // 16, 1, 8, N // 16, 1, 4, 1))
     wide = tl.reshape(tl.broadcast_to(groups, (M // 16, 2, 8, N // 16, 2, 4, 2)), (M, N))
     draw = 4 * ((i // 8) % 2)[:, None] + (2 * ((j // 8) % 2) + j % 2)[None, :]
@@ -319,9 +362,9 @@ def _kept(key, i, j, L, dropout_p):
 # forward: one program per (query tile, batch x head); online softmax over key tiles
 
 @triton.jit
-def _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale, i, n0, L, key,
-                  dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-                  IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+def _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale, i, n0, L, MASK,
+                  dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     j = n0 + tl.arange(0, BLOCK_N)
     k, v = _rows(K, j, L, stride_kl, DH), _rows(V, j, L, stride_vl, DH)
     b_tile, g_k = k, g_q  # unused without the importance
@@ -337,26 +380,27 @@ def _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:  # the denominator above sums every weight, o only the kept ones
-        p = tl.where(_kept(key, i, j, L, dropout_p), p, 0.0)
+        p = tl.where(_unpack(tl.load(_mask_tile(MASK, i, j, L, BLOCK)).to(tl.int32), i, j), p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _forward(Q, K, V, C, B, G, LAM, O, LSE, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
-             stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol, H, L, scale, SEED, dropout_p,
+def _forward(Q, K, V, C, B, G, LAM, MASK, O, LSE, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+             stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol, H, L, scale, dropout_p,
              DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCKS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous; C is R(Phi) C, lambda applied here.
     BLOCK_M and BLOCK_N divide BLOCK, the length of the blocks that decide each pair's offset;
-    BLOCKS is a power of two, at least the number of blocks in L. SEED and dropout_p: DROPOUT's mask."""
+    BLOCKS is a power of two, at least the number of blocks in L. MASK: DROPOUT's bits (_dropout_bits)."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
     bh = tl.program_id(1)
-    key = _dropout_key(SEED, bh) if DROPOUT else 0
     z, h = bh // H, bh % H
     Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
     O = O + z * stride_ob + h * stride_oh
     C, B, G, LSE = C + bh * L * DS, B + bh * L * DS, G + bh * L, LSE + bh * L
+    if DROPOUT:  # this head's dropout bits
+        MASK += bh.to(tl.int64) * _mask_size(L, BLOCK)
     block_start = m0 - m0 % BLOCK          # the first row of the queries' block
     n1 = _remembered_keys(G, block_start, BLOCK, BLOCKS)
     i = m0 + tl.arange(0, BLOCK_M)
@@ -371,16 +415,16 @@ def _forward(Q, K, V, C, B, G, LAM, O, LSE, stride_qb, stride_qh, stride_ql, str
     acc = tl.zeros([BLOCK_M, DH], tl.float32)
     for n0 in range(block_start, m0 + BLOCK_M, BLOCK_N):  # key tiles in the queries' block (pairwise)
         acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                                      i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=True, IMPORTANCE=True,
+                                      i, n0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_N, DIAGONAL=True, IMPORTANCE=True,
                                       PRECISION=PRECISION, DROPOUT=DROPOUT)
     for n0 in range(n1, block_start, BLOCK_N):           # key tiles in earlier blocks
         acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                                      i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=True,
+                                      i, n0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_N, DIAGONAL=False, IMPORTANCE=True,
                                       PRECISION=PRECISION, DROPOUT=DROPOUT)
     if n1 > 0:  # (the branch spares the loop's setup where nothing is forgotten, as at init)
         for n0 in range(0, n1, BLOCK_N):                 # key tiles in forgotten blocks: q.k alone
             acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, stride_kl, stride_vl, g_q, c0,
-                                          scale, i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=False,
+                                          scale, i, n0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_N, DIAGONAL=False,
                                           IMPORTANCE=False, PRECISION=PRECISION, DROPOUT=DROPOUT)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_i[:, None]
@@ -398,8 +442,8 @@ def _forward(Q, K, V, C, B, G, LAM, O, LSE, stride_qb, stride_qh, stride_ql, str
 
 @triton.jit
 def _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale, i, n0, L,
-             key, dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-             IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+             MASK, dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+             DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     j = n0 + tl.arange(0, BLOCK_N)
     k, v = _rows(K, j, L, stride_kl, DH), _rows(V, j, L, stride_vl, DH)
     b_tile, g_k = k, g_q  # unused without the importance
@@ -412,7 +456,8 @@ def _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:  # dP_ij = Z_ij dO_i . V_j: o saw the kept weights alone
-        dp = tl.where(_kept(key, i, j, L, dropout_p), dp / (1.0 - dropout_p), 0.0)
+        kept = _unpack(tl.load(_mask_tile(MASK, i, j, L, BLOCK)).to(tl.int32), i, j)
+        dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     if IMPORTANCE:
@@ -423,9 +468,9 @@ def _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl
 
 
 @triton.jit
-def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, stride_qb, stride_qh, stride_ql,
+def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, MASK, DQ, DC, DGQ, DLAM, stride_qb, stride_qh, stride_ql,
                  stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_dob, stride_doh, stride_dol,
-                 stride_ob, stride_oh, stride_ol, H, L, scale, SEED, dropout_p, DH: tl.constexpr,
+                 stride_ob, stride_oh, stride_ol, H, L, scale, dropout_p, DH: tl.constexpr,
                  DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCKS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N. DO and DQ share the strides stride_do*.
@@ -433,7 +478,8 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, st
     Writes dL/dR(Phi)C (lambda applied) and this tile's share of dL/dlambda, sum R(Phi)C . dC."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
-    key = _dropout_key(SEED, bh) if DROPOUT else 0
+    if DROPOUT:  # the forward's dropout bits
+        MASK += bh.to(tl.int64) * _mask_size(L, BLOCK)
     z, h = bh // H, bh % H
     Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
     O = O + z * stride_ob + h * stride_oh
@@ -456,18 +502,18 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, st
     if n1 > 0:  # first: placed after the loops below, it slowed the whole kernel (docs/performance.md)
         for n0 in range(0, n1, BLOCK_N):            # key tiles in forgotten blocks: q.k alone
             dq, dc = _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                              i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=False,
+                              i, n0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_N, DIAGONAL=False, IMPORTANCE=False,
                               PRECISION=PRECISION, DROPOUT=DROPOUT)
     for n0 in range(block_start, m0 + BLOCK_M, BLOCK_N):  # key tiles in the queries' block (pairwise)
         dq, dc = _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                          i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=True, IMPORTANCE=True,
+                          i, n0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_N, DIAGONAL=True, IMPORTANCE=True,
                           PRECISION=PRECISION, DROPOUT=DROPOUT)
     dg = tl.sum(c_tile * dc, 1)     # sum_j dS_ij W_ij, from the very products the scores used
     c_off = _decayed(c_tile, g_q, c0, 1 / scale, PRECISION=PRECISION)  # exp(g_i - c0) <= 1, as in _forward
     dc_off = tl.zeros([BLOCK_M, DS], tl.float32)
     for n0 in range(n1, block_start, BLOCK_N):      # key tiles in earlier blocks
         dq, dc_off = _dq_step(dq, dc_off, q, do, c_off, lse, delta, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                              i, n0, L, key, dropout_p, DH, DS, BLOCK_N, DIAGONAL=False, IMPORTANCE=True,
+                              i, n0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_N, DIAGONAL=False, IMPORTANCE=True,
                               PRECISION=PRECISION, DROPOUT=DROPOUT)
     dg += tl.sum(c_off * dc_off, 1) * scale
     dc += dc_off * tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)[:, None]  # c_off's factor (b_tile's is in dc_off)
@@ -481,7 +527,7 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, DQ, DC, DGQ, DLAM, st
 
 @triton.jit
 def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol, lam, g_k, scale, j, m0,
-               L, key, dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+               L, MASK, dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     i = m0 + tl.arange(0, BLOCK_M)
     q, do = _rows(Q, i, L, stride_ql, DH), _rows(DO, i, L, stride_dol, DH)
@@ -499,7 +545,7 @@ def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql,
     p = tl.exp2(s - lse[:, None])                                  # (queries, keys)
     p_kept = p
     if DROPOUT:  # v met the kept weights P_ij Z_ij alone, and the gradient returns through them
-        kept = _kept(key, i, j, L, dropout_p)
+        kept = _unpack(tl.load(_mask_tile(MASK, i, j, L, BLOCK)).to(tl.int32), i, j)
         p_kept = tl.where(kept, p / (1.0 - dropout_p), 0.0)
     dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -520,9 +566,9 @@ def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql,
 
 
 @triton.jit
-def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, stride_qb, stride_qh, stride_ql,
+def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, MASK, DK, DV, DB, DG, stride_qb, stride_qh, stride_ql,
                    stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_dob, stride_doh,
-                   stride_dol, H, L, scale, SEED, dropout_p, DH: tl.constexpr, DS: tl.constexpr,
+                   stride_dol, H, L, scale, dropout_p, DH: tl.constexpr, DS: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
                    PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """BLOCK_N keys of one (batch, head), walking query tiles of BLOCK_M. DO, DK, DV share the strides stride_do*.
@@ -531,7 +577,8 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, s
     whose delta it reads and whose query-side sum for dL/dg it completes."""
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
-    key = _dropout_key(SEED, bh) if DROPOUT else 0
+    if DROPOUT:  # the forward's dropout bits
+        MASK += bh.to(tl.int64) * _mask_size(L, BLOCK)
     z, h = bh // H, bh % H
     Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
     DO, DK, DV = DO + z * stride_dob + h * stride_doh, DK + z * stride_dob + h * stride_doh, \
@@ -551,11 +598,11 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, s
     dg = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(n0 - n0 % BLOCK_M, block_end, BLOCK_M):  # query tiles in the keys' block (pairwise)
         dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol,
-                                    lam, g_k, scale, j, m0, L, key, dropout_p, DH, DS, BLOCK, BLOCK_M,
+                                    lam, g_k, scale, j, m0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_M,
                                     DIAGONAL=True, IMPORTANCE=True, PRECISION=PRECISION, DROPOUT=DROPOUT)
     for m0 in range(block_end, m1, BLOCK_M):        # query tiles in later blocks
         dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol,
-                                    lam, g_k, scale, j, m0, L, key, dropout_p, DH, DS, BLOCK, BLOCK_M,
+                                    lam, g_k, scale, j, m0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_M,
                                     DIAGONAL=False, IMPORTANCE=True, PRECISION=PRECISION, DROPOUT=DROPOUT)
     e = tl.arange(0, DS)
     tl.store(DB + j[:, None] * DS + e[None, :], db.to(DB.dtype.element_ty), mask=j[:, None] < L)
@@ -566,7 +613,7 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, s
         dk_far, dv_far = tl.zeros([BLOCK_N, DH], tl.float32), tl.zeros([BLOCK_N, DH], tl.float32)
         for m0 in range(m1, L, BLOCK_M):
             dk_far, dv_far, db, dg = _dkdv_step(dk_far, dv_far, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA,
-                                                stride_ql, stride_dol, lam, g_k, scale, j, m0, L, key, dropout_p,
+                                                stride_ql, stride_dol, lam, g_k, scale, j, m0, L, MASK, dropout_p,
                                                 DH, DS, BLOCK, BLOCK_M, DIAGONAL=False, IMPORTANCE=False,
                                                 PRECISION=PRECISION, DROPOUT=DROPOUT)
         dk, dv = dk + dk_far, dv + dv_far
@@ -576,13 +623,16 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, DK, DV, DB, DG, s
 
 
 @triton.jit
-def _dropout_mask(SEED, KEEP, L, dropout_p, ROWS: tl.constexpr, WIDTH: tl.constexpr):
-    """ROWS rows of one (batch, head)'s keep mask, drawn as the attention kernels draw it, into (b h, l, l) int8."""
-    i, bh = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.program_id(1)
-    j = tl.arange(0, WIDTH)
-    kept = _kept(_dropout_key(SEED, bh), i, j, L, dropout_p)
-    mask = (i[:, None] < L) & (j[None, :] < L)
-    tl.store(KEEP + (bh * L + i[:, None]) * L + j[None, :], kept.to(tl.int8), mask=mask)
+def _dropout_bits(SEED, MASK, L, dropout_p, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    """The dropout bits of BLOCK query rows of one (batch, head), drawn from Philox (_draw) into the stored mask
+    that the attention kernels read (_mask_tile): the key tiles up to the diagonal's (CAUSAL), or all."""
+    i, bh = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), tl.program_id(1)
+    key = _dropout_key(SEED, bh)
+    MASK += bh.to(tl.int64) * _mask_size(L, BLOCK)
+    end = (tl.program_id(0) + 1) * BLOCK if CAUSAL else tl.cdiv(L, BLOCK) * BLOCK
+    for n0 in range(0, end, BLOCK):
+        j = n0 + tl.arange(0, BLOCK)
+        tl.store(_mask_tile(MASK, i, j, L, BLOCK), _draw(key, i, j, L, dropout_p).to(tl.uint8))
 
 
 # -----------------------------------------------------------------------------
@@ -606,9 +656,9 @@ def _empty_bhld(like):  # (b, h, l, d) laid out as (b, l, h, d): the model resha
     return torch.empty(b, l, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _launch(kernel, name, rows, q, RC, scale, seed, dropout_p, *args):
+def _launch(kernel, name, rows, q, RC, scale, dropout_p, *args):
     """kernel[grid](*args) with launch_config(name): a program per tile of `rows` ('BLOCK_M' or 'BLOCK_N')
-    rows, per batch x head. Without dropout (dropout_p 0, seed None) DROPOUT compiles the kernel without it.
+    rows, per batch x head. Without dropout (dropout_p 0) DROPOUT compiles the kernel without it.
 
     C and B stay fp32 whatever q's dtype, and their dots (the importance in every score, dC, dB)
     run in tf32 beside q.k's bf16 or fp16: lambda C.B can be several times q.k / sqrt(d_h), and
@@ -621,30 +671,37 @@ def _launch(kernel, name, rows, q, RC, scale, seed, dropout_p, *args):
     meta = launch_config(name, q.device, d_s, l)
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
     blocks = max(triton.next_power_of_2(triton.cdiv(l, meta['BLOCK'])), 2)
-    kernel[(triton.cdiv(l, meta[rows]), b * h)](*args, h, l, scale, seed, dropout_p, DH=d_h, DS=d_s,
+    kernel[(triton.cdiv(l, meta[rows]), b * h)](*args, h, l, scale, dropout_p, DH=d_h, DS=d_s,
                                                 PRECISION=precision, BLOCKS=blocks, DROPOUT=dropout_p > 0, **meta)
 
 
 @torch.library.custom_op('nanosisa::attention', mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, RC: torch.Tensor, RB: torch.Tensor,
                g: torch.Tensor, lam: torch.Tensor, seed: Optional[torch.Tensor], scale: float,
-               dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+               dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     o = _empty_bhld(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    _launch(_forward, 'forward', 'BLOCK_M', q, RC, scale, seed, dropout_p, q, k, v, RC, RB, g, lam, o, lse,
-            *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(o))
-    return o, lse
+    b, h, l, _ = q.shape
+    mask = q.new_empty(b * h, 0, dtype=torch.uint8)  # without dropout nothing to read
+    if dropout_p > 0:  # drawn once here, read by the forward and both backward kernels
+        mask = _draw_bits(seed, b, h, l, dropout_p, launch_config('forward', q.device, RC.size(-1), l)['BLOCK'])
+    _launch(_forward, 'forward', 'BLOCK_M', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam,
+            mask if dropout_p > 0 else None, o, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(o))
+    return o, lse, mask
 
 
 @_attention.register_fake
 def _(q, k, v, RC, RB, g, lam, seed, scale, dropout_p):
-    return _empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    b, h, l, _ = q.shape
+    block = launch_config('forward', q.device, RC.size(-1), l)['BLOCK']
+    mask = q.new_empty(b * h, _mask_bytes(l, block) if dropout_p > 0 else 0, dtype=torch.uint8)
+    return _empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32), mask
 
 
 @torch.library.custom_op('nanosisa::attention_backward', mutates_args=())
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, RC: torch.Tensor,
                         RB: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                        seed: Optional[torch.Tensor], scale: float, dropout_p: float
+                        mask: torch.Tensor, scale: float, dropout_p: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
     dq, dk, dv = _empty_bhld(q), _empty_bhld(q), _empty_bhld(q)
@@ -656,28 +713,28 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     query_tiles = triton.cdiv(q.size(2), launch_config('dq', q.device, RC.size(-1), q.size(2))['BLOCK_M'])
     dlam_tiles = torch.empty(q.size(0) * q.size(1), query_tiles, dtype=torch.float32, device=q.device)
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
-    _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, seed, dropout_p, q, k, v, RC, RB, g, lam, o, do, lse,
-            delta, dq, dRC, dg_query, dlam_tiles, *strides, *_bhl(o))
-    _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, RC, scale, seed, dropout_p, q, k, v, RC, RB, g, lam, do, lse,
-            delta, dg_query, dk, dv, dRB, dg, *strides)
+    mask = mask if dropout_p > 0 else None
+    _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam, o, do, lse,
+            delta, mask, dq, dRC, dg_query, dlam_tiles, *strides, *_bhl(o))
+    _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam, do, lse,
+            delta, dg_query, mask, dk, dv, dRB, dg, *strides)
     dlam = dlam_tiles.view(q.size(0), q.size(1), -1).sum((0, 2)).to(lam.dtype)  # one share per query tile
     return dq, dk, dv, dRC, dRB, dg, dlam
 
 
 @_attention_backward.register_fake
-def _(do, q, k, v, RC, RB, g, lam, o, lse, seed, scale, dropout_p):
+def _(do, q, k, v, RC, RB, g, lam, o, lse, mask, scale, dropout_p):
     return (_empty_bhld(q), _empty_bhld(q), _empty_bhld(q), torch.empty_like(RC), torch.empty_like(RB),
             torch.empty_like(lse), torch.empty_like(lam))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, RC, RB, g, lam, seed, scale, dropout_p = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, RC, RB, g, lam, o, lse, seed)  # the seed: the backward draws the same mask
+    ctx.save_for_backward(q, k, v, RC, RB, g, lam, *output)  # o, lse, and the dropout bits the backward reads
     ctx.scale, ctx.dropout_p = scale, dropout_p
 
 
-def _backward(ctx, do, dlse):
+def _backward(ctx, do, dlse, dmask):
     return *_attention_backward(do, *ctx.saved_tensors, ctx.scale, ctx.dropout_p), None, None, None
 
 
