@@ -42,9 +42,8 @@ dS feeds dq, dk and the importance's gradients as without dropout. A small kerne
 once a call (_dropout_bits) from Philox (tl.randint4x, eight 16-bit draws a call), keyed by a seed
 tensor and the (batch, head), at a counter from the pair's 16 x 16 group, and stores it as bits: a
 byte for the eight weights one thread of a tensor-core tile holds, l^2 / 8 bytes a head. The three
-attention kernels read it (_mask_tile, _unpack): Philox drawn inside each of them was slower, and
-filled registers the tiles need (docs/performance.md). Without dropout the flag DROPOUT compiles none
-of this.
+attention kernels read it (_kept): Philox drawn inside each of them was slower, and filled registers
+the tiles need (docs/performance.md). Without dropout the flag DROPOUT compiles none of this.
 
 `sisa_attention_fused` is what sisa.py calls on CUDA; the tests hold it equal to the SDPA form
 and to an fp64 evaluation of the score (on the CPU under TRITON_INTERPRET=1). `channels` gives
@@ -94,7 +93,7 @@ def dropout_seed(device):
 def dropout_mask(seed, b, h, l, dropout_p):
     """The keep mask that the attention kernels read for (b, h, l, .) inputs and this seed: (b, h, l, l) bool,
     the causal mask not applied. For the tests, which hold the kernel to a reference with this very mask:
-    the bits as the kernels store them (_dropout_bits), unpacked here as _unpack does, written once more."""
+    the bits as the kernels store them (_dropout_bits), unpacked here as _kept does, written once more."""
     bits = _draw_bits(seed, b, h, l, dropout_p, 64, causal=False).view(b, h, -1, 64 * triton.cdiv(l, 64) // 4)
     i = j = torch.arange(l, device=seed.device)
     byte = bits[:, :, (i // 16 * 8 + i % 8)[:, None], (j // 16 * 4 + j % 8 // 2)[None, :]].int()
@@ -145,7 +144,7 @@ def cumsum(x, dim, reverse=False):
 #   _backward_dkdv       dk, dv, dL/dRB, dL/dg = query side - key side (_dkdv_step)
 #   shared helpers       _scores: score_ij of a tile; _channel, _decayed, _tf32: C and B tiles as the
 #                        dots read them; _forgotten, _remembered_keys, _remembered_queries: the key
-#                        blocks whose importance is 0 in fp32; _mask_tile, _unpack: a tile's dropout mask
+#                        blocks whose importance is 0 in fp32; _kept: a tile's dropout mask, from the stored bits
 #   _dropout_bits        the dropout mask, drawn once a call into bits (_dropout_key, _draw)
 # channels, sisa.ssm_channels
 #   _channels_forward    g = cumsum log_alpha, Phi = cumsum theta, then R(Phi) C and R(Phi) B
@@ -311,7 +310,7 @@ def _draw(key, i, j, L, dropout_p):
     set where the weight is kept (probability 1 - dropout_p to 2^-17: the draws have 16 bits, flash
     attention's have 8). One Philox call gives four 32-bit words, eight 16-bit draws, for the eight weights
     one thread holds of a tensor-core tile's 16 x 16 group: rows r and r + 8, keys 2c, 2c + 1, 2c + 8 and
-    2c + 9 (_unpack). So each thread draws its own weights and no draw moves between threads (a shuffle
+    2c + 9 (_kept). So each thread draws its own weights and no draw moves between threads (a shuffle
     through shared memory per tile otherwise). i and j start at multiples of 16 (every tile does); the
     counters stay below 2^31 (sisa_attention_fused checks l)."""
     rows, cols = _mask_rows_cols(i, j)
@@ -347,15 +346,18 @@ def _mask_tile(MASK, i, j, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _unpack(bits, i, j):
-    """The (rows, cols) keep mask from a tile's bits (_draw), each call's eight bits to its eight weights:
-    i = 16 A + 8 h + r and j = 16 a + 8 n + 2 c + e take bit 4 h + 2 n + e."""
+def _kept(MASK, i, j, L, BLOCK: tl.constexpr):
+    """Which weights of a (rows, cols) tile dropout keeps, from the stored bits (_dropout_bits): each byte's eight
+    bits to its eight weights, i = 16 A + 8 h + r and j = 16 a + 8 n + 2 c + e taking bit 4 h + 2 n + e. Tiles
+    start at multiples of 16, so a weight's bit follows from its place in the tile: one constant a register."""
     M: tl.constexpr = i.shape[0]
     N: tl.constexpr = j.shape[0]
+    bits = tl.load(_mask_tile(MASK, i, j, L, BLOCK)).to(tl.int32)
     groups = tl.reshape(bits, (M // 16, 1, 8, N // 16, 1, 4, 1))
     wide = tl.reshape(tl.broadcast_to(groups, (M // 16, 2, 8, N // 16, 2, 4, 2)), (M, N))
-    draw = 4 * ((i // 8) % 2)[:, None] + (2 * ((j // 8) % 2) + j % 2)[None, :]
-    return ((wide >> draw) & 1) != 0
+    rows, cols = tl.arange(0, M), tl.arange(0, N)
+    bit = 1 << (4 * ((rows >> 3) & 1)[:, None] + (2 * ((cols >> 3) & 1) + (cols & 1))[None, :])
+    return (wide & bit) != 0
 
 
 # -----------------------------------------------------------------------------
@@ -380,7 +382,7 @@ def _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:  # the denominator above sums every weight, o only the kept ones
-        p = tl.where(_unpack(tl.load(_mask_tile(MASK, i, j, L, BLOCK)).to(tl.int32), i, j), p, 0.0)
+        p = tl.where(_kept(MASK, i, j, L, BLOCK), p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -456,8 +458,8 @@ def _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:  # dP_ij = Z_ij dO_i . V_j: o saw the kept weights alone
-        kept = _unpack(tl.load(_mask_tile(MASK, i, j, L, BLOCK)).to(tl.int32), i, j)
-        dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
+        kept = _kept(MASK, i, j, L, BLOCK)
+        dp = tl.where(kept, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     if IMPORTANCE:
@@ -543,14 +545,14 @@ def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql,
     s = _scores(q, k, c_tile, b_tile, g_q, g_k, scale, i, j, L, DIAGONAL=DIAGONAL, IMPORTANCE=IMPORTANCE,
                 PRECISION=PRECISION)
     p = tl.exp2(s - lse[:, None])                                  # (queries, keys)
-    p_kept = p
-    if DROPOUT:  # v met the kept weights P_ij Z_ij alone, and the gradient returns through them
-        kept = _unpack(tl.load(_mask_tile(MASK, i, j, L, BLOCK)).to(tl.int32), i, j)
-        p_kept = tl.where(kept, p / (1.0 - dropout_p), 0.0)
-    dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=PRECISION)
+    p_kept = p.to(do.dtype)
+    if DROPOUT:  # v met the kept weights P_ij Z_ij alone, and the gradient returns through them; Z's factor
+        kept = _kept(MASK, i, j, L, BLOCK)  # 1 / (1 - p) goes on dv once, at the end
+        p_kept = tl.where(kept, p_kept, 0.0)
+    dv += tl.dot(tl.trans(p_kept), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:
-        dp = tl.where(kept, dp / (1.0 - dropout_p), 0.0)
+        dp = tl.where(kept, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])                                 # dL/dscore_ij
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     if IMPORTANCE:
@@ -617,6 +619,8 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, MASK, DK, DV, DB,
                                                 DH, DS, BLOCK, BLOCK_M, DIAGONAL=False, IMPORTANCE=False,
                                                 PRECISION=PRECISION, DROPOUT=DROPOUT)
         dk, dv = dk + dk_far, dv + dv_far
+    if DROPOUT:
+        dv = dv / (1.0 - dropout_p)  # Z's factor, left out of the steps' p_kept
     d = tl.arange(0, DH)
     tl.store(DK + j[:, None] * stride_dol + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
     tl.store(DV + j[:, None] * stride_dol + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
