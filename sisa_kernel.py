@@ -101,7 +101,7 @@ def dropout_mask(seed, b, h, l, dropout_p):
 
 
 def _mask_bytes(l, block):
-    """A (batch, head)'s stored dropout bits in bytes, as _mask_size: (l / 2) x (l / 4), l padded to a multiple of block."""
+    """Bytes of a (batch, head)'s stored dropout bits, as _mask_size: (l / 2) x (l / 4), l padded to block."""
     padded = triton.cdiv(l, block) * block
     return (padded // 2) * (padded // 4)
 
@@ -326,8 +326,10 @@ def _draw(key, i, j, L, dropout_p):
 def _mask_rows_cols(i, j):
     """Where a (rows, cols) tile's dropout bits sit: the Philox counter's row and column, and the stored
     mask's, of each group of eight weights that one call draws."""
-    rows = tl.min(i, 0) // 2 + tl.arange(0, i.shape[0] // 2)  # (i // 16) * 8 + i % 8: rows r and r + 8 share a call
-    cols = tl.min(j, 0) // 4 + tl.arange(0, j.shape[0] // 4)  # (j // 16) * 4 + (j % 8) // 2: keys 2c, 2c + 1, 2c + 8, 2c + 9
+    # row (i // 16) * 8 + i % 8: rows r and r + 8 share a call; column (j // 16) * 4 + (j % 8) // 2: keys 2c,
+    # 2c + 1, 2c + 8 and 2c + 9 share one
+    rows = tl.min(i, 0) // 2 + tl.arange(0, i.shape[0] // 2)
+    cols = tl.min(j, 0) // 4 + tl.arange(0, j.shape[0] // 4)
     return rows, cols
 
 
@@ -417,12 +419,12 @@ def _forward(Q, K, V, C, B, G, LAM, MASK, O, LSE, stride_qb, stride_qh, stride_q
     acc = tl.zeros([BLOCK_M, DH], tl.float32)
     for n0 in range(block_start, m0 + BLOCK_M, BLOCK_N):  # key tiles in the queries' block (pairwise)
         acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                                      i, n0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_N, DIAGONAL=True, IMPORTANCE=True,
-                                      PRECISION=PRECISION, DROPOUT=DROPOUT)
+                                      i, n0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_N, DIAGONAL=True,
+                                      IMPORTANCE=True, PRECISION=PRECISION, DROPOUT=DROPOUT)
     for n0 in range(n1, block_start, BLOCK_N):           # key tiles in earlier blocks
         acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale,
-                                      i, n0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_N, DIAGONAL=False, IMPORTANCE=True,
-                                      PRECISION=PRECISION, DROPOUT=DROPOUT)
+                                      i, n0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_N, DIAGONAL=False,
+                                      IMPORTANCE=True, PRECISION=PRECISION, DROPOUT=DROPOUT)
     if n1 > 0:  # (the branch spares the loop's setup where nothing is forgotten, as at init)
         for n0 in range(0, n1, BLOCK_N):                 # key tiles in forgotten blocks: q.k alone
             acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, c_off, K, V, B, G, stride_kl, stride_vl, g_q, c0,
@@ -480,7 +482,7 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, MASK, DQ, DC, DGQ, DL
     Writes dL/dR(Phi)C (lambda applied) and this tile's share of dL/dlambda, sum R(Phi)C . dC."""
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
-    if DROPOUT:  # the forward's dropout bits
+    if DROPOUT:  # this head's dropout bits
         MASK += bh.to(tl.int64) * _mask_size(L, BLOCK)
     z, h = bh // H, bh % H
     Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
@@ -579,7 +581,7 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, MASK, DK, DV, DB,
     whose delta it reads and whose query-side sum for dL/dg it completes."""
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
-    if DROPOUT:  # the forward's dropout bits
+    if DROPOUT:  # this head's dropout bits
         MASK += bh.to(tl.int64) * _mask_size(L, BLOCK)
     z, h = bh // H, bh % H
     Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
