@@ -38,7 +38,10 @@ probability 1 - p and scaled by 1 / (1 - p); Z_ij is that factor, 0 or 1 / (1 - 
 sums every weight into the softmax's denominator and only the kept ones into o, so the saved
 log-sum-exp is the softmax's. The backward pass is flash attention 2's: dV_j = sum_i P_ij Z_ij dO_i,
 dP_ij = Z_ij dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i), delta_i = o_i . do_i of the dropped o;
-dS feeds dq, dk and the importance's gradients as without dropout. A small kernel draws the mask
+dS feeds dq, dk and the importance's gradients as without dropout. The backward kernels take
+P_ij / (1 - p) from the exponent (the log-sum-exp plus log2(1 - p), a row's add) and delta_i (1 - p):
+dS_ij = P_ij / (1 - p) (dP'_ij - (1 - p) delta_i), dP'_ij = dO_i . V_j where kept and 0 where not, so Z
+costs a select a weight and no multiplication. A small kernel draws the mask
 once a call (_dropout_bits) from Philox (tl.randint4x, eight 16-bit draws a call), keyed by a seed
 tensor and the (batch, head), at a counter from the pair's 16 x 16 group, and stores it as bits: a
 byte for the eight weights one thread of a tensor-core tile holds, l^2 / 8 bytes a head. The three
@@ -174,6 +177,9 @@ SMALL = dict(BLOCK=64, forward=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_sta
 # power of two (wider than 64 takes 64's); the tiles stay CONFIG's.
 WIDE = {32: dict(dkdv=dict(num_stages=1)),
         64: dict(forward=dict(num_stages=2), dq=dict(num_stages=2), dkdv=dict(num_stages=1))}
+# Sequences of at most SHORT['length'] tokens (the tiny shapes): dk dv faster at 1 stage, at 2048 tokens
+# slower (docs/performance.md).
+SHORT = dict(length=1024, dkdv=dict(num_stages=1))
 # Under Triton's interpreter (the CPU tests, at about 70 tokens): small tiles of different sizes,
 # so that a short sequence crosses blocks and tiles.
 INTERPRETED = dict(BLOCK=32, forward=dict(BLOCK_M=16, BLOCK_N=32), dkdv=dict(BLOCK_M=32, BLOCK_N=16),
@@ -203,7 +209,8 @@ def launch_config(kernel, device, d_state=None, length=0):
     else:
         config = CONFIG if torch.cuda.get_device_capability(device) >= (8, 0) else SMALL
     wide = WIDE.get(min(d_state, 64), {}).get(kernel, {}) if config is CONFIG else {}
-    meta = dict(config[kernel], **wide, BLOCK=config['BLOCK'])
+    short = SHORT.get(kernel, {}) if config is CONFIG and length <= SHORT['length'] else {}
+    meta = dict(config[kernel], **short, **wide, BLOCK=config['BLOCK'])
     assert all(meta['BLOCK'] % meta[tile] == 0 for tile in ('BLOCK_M', 'BLOCK_N')), 'tiles must divide BLOCK'
     return meta
 
@@ -459,9 +466,8 @@ def _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl
                 PRECISION=PRECISION)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    if DROPOUT:  # dP_ij = Z_ij dO_i . V_j: o saw the kept weights alone
-        kept = _kept(MASK, i, j, L, BLOCK)
-        dp = tl.where(kept, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    if DROPOUT:  # dP_ij = Z_ij dO_i . V_j: o saw the kept weights alone (Z's factor is in p and delta)
+        dp = tl.where(_kept(MASK, i, j, L, BLOCK), dp, 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     if IMPORTANCE:
@@ -500,6 +506,8 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, MASK, DQ, DC, DGQ, DL
     tl.store(DELTA + i, delta, mask=i < L)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
+    if DROPOUT:  # the steps' p is P / (1 - dropout_p), delta takes (1 - dropout_p): Z's factor costs no product
+        lse, delta = lse + tl.log2(1.0 - dropout_p), delta * (1.0 - dropout_p)
     c0 = tl.load(G + block_start)
     dq = tl.zeros([BLOCK_M, DH], tl.float32)
     dc = tl.zeros([BLOCK_M, DS], tl.float32)
@@ -537,6 +545,8 @@ def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql,
     q, do = _rows(Q, i, L, stride_ql, DH), _rows(DO, i, L, stride_dol, DH)
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
     delta = tl.load(DELTA + i, mask=i < L, other=0.0)
+    if DROPOUT:  # p below is P / (1 - dropout_p), delta takes (1 - dropout_p), as in _backward_dq
+        lse, delta = lse + tl.log2(1.0 - dropout_p), delta * (1.0 - dropout_p)
     c_tile, g_q, c0 = q, g_k, 0.0  # unused without the importance
     if IMPORTANCE:
         c_tile, g_q = _channel(C, i, L, lam, DS, PRECISION=PRECISION), tl.load(G + i, mask=i < L, other=float('-inf'))
@@ -548,13 +558,13 @@ def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql,
                 PRECISION=PRECISION)
     p = tl.exp2(s - lse[:, None])                                  # (queries, keys)
     p_kept = p.to(do.dtype)
-    if DROPOUT:  # v met the kept weights P_ij Z_ij alone, and the gradient returns through them; Z's factor
-        kept = _kept(MASK, i, j, L, BLOCK)  # 1 / (1 - p) goes on dv once, at the end
+    if DROPOUT:  # v met the kept weights P_ij Z_ij alone, and the gradient returns through them
+        kept = _kept(MASK, i, j, L, BLOCK)
         p_kept = tl.where(kept, p_kept, 0.0)
     dv += tl.dot(tl.trans(p_kept), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:
-        dp = tl.where(kept, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        dp = tl.where(kept, dp, 0.0)
     ds = p * (dp - delta[:, None])                                 # dL/dscore_ij
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     if IMPORTANCE:
@@ -621,8 +631,6 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, MASK, DK, DV, DB,
                                                 DH, DS, BLOCK, BLOCK_M, DIAGONAL=False, IMPORTANCE=False,
                                                 PRECISION=PRECISION, DROPOUT=DROPOUT)
         dk, dv = dk + dk_far, dv + dv_far
-    if DROPOUT:
-        dv = dv / (1.0 - dropout_p)  # Z's factor, left out of the steps' p_kept
     d = tl.arange(0, DH)
     tl.store(DK + j[:, None] * stride_dol + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
     tl.store(DV + j[:, None] * stride_dol + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
