@@ -439,6 +439,20 @@ def test_training_goes_on_uncompiled_where_torch_compile_fails(workdir, monkeypa
     assert 'warning: torch.compile failed (RuntimeError: no C++ compiler found)' in capsys.readouterr().out
 
 
+def test_the_evaluation_warm_up_leaves_the_model_training_and_the_random_stream_as_they_were():
+    # train.py runs one forward as evaluate does before its clock starts; the run must not see it:
+    # dropout on again, no gradients, the parameters and torch's generator untouched
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16, d_state=4, dropout=0.2))
+    params = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(20, (2, 16))
+    state = torch.get_rng_state()
+    tr.warm_up_evaluation(model, (x, x), torch.autocast('cpu', enabled=False))
+    assert all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None and torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
 def test_compile_mode_auto_takes_cuda_graphs_only_where_they_are_known_to_work(monkeypatch):
     monkeypatch.setattr(tr, 'fused_kernel', lambda kernel, where: kernel != 'sdpa')  # as on a GPU with Triton
     monkeypatch.delenv('RANK', raising=False)
