@@ -464,9 +464,12 @@ class CausalSelfAttention(nn.Module):
 
     @torch.no_grad()
     def record(self, log_alpha, lam, dtype):
-        span = -log_alpha[..., 1:].sum(-1)  # (b, h) nats of decay across the sequence: g_0 - g_last
-        self.stats = dict(lam=lam.tolist(), half_life=(math.log(2) / -log_alpha.mean(dim=(0, 2))).tolist(),
-                          span=span.max().item(), chunked=bool(span.max() > max_decay_span(dtype)))
+        span = (-log_alpha[..., 1:]).sum(-1).max()  # nats of decay across the sequence, g_0 - g_last: the most
+        half_life = math.log(2) / -log_alpha.mean(dim=(0, 2))
+        h = lam.numel()
+        values = torch.cat([lam.float(), half_life.float(), span.float()[None]]).tolist()  # one sync, not four
+        self.stats = dict(lam=values[:h], half_life=values[h:2 * h], span=values[-1],
+                          chunked=values[-1] > max_decay_span(dtype))
 
 
 class MLP(nn.Module):

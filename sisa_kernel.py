@@ -97,7 +97,7 @@ def dropout_mask(seed, b, h, l, dropout_p):
     """The keep mask that the attention kernels read for (b, h, l, .) inputs and this seed: (b, h, l, l) bool,
     the causal mask not applied. For the tests, which hold the kernel to a reference with this very mask:
     the bits as the kernels store them (_dropout_bits), unpacked here as _kept does, written once more."""
-    bits = _draw_bits(seed, b, h, l, dropout_p, 64, causal=False).view(b, h, -1, 64 * triton.cdiv(l, 64) // 4)
+    bits = _draw_bits(seed, b, h, l, dropout_p, 64, causal=False).view(b, h, -1, 64 * _cdiv(l, 64) // 4)
     i = j = torch.arange(l, device=seed.device)
     byte = bits[:, :, (i // 16 * 8 + i % 8)[:, None], (j // 16 * 4 + j % 8 // 2)[None, :]].int()
     return ((byte >> (4 * (i // 8 % 2)[:, None] + (2 * (j // 8 % 2) + j % 2)[None, :])) & 1).bool()
@@ -105,14 +105,14 @@ def dropout_mask(seed, b, h, l, dropout_p):
 
 def _mask_bytes(l, block):
     """Bytes of a (batch, head)'s stored dropout bits, as _mask_size: (l / 2) x (l / 4), l padded to block."""
-    padded = triton.cdiv(l, block) * block
+    padded = _cdiv(l, block) * block
     return (padded // 2) * (padded // 4)
 
 
 def _draw_bits(seed, b, h, l, dropout_p, block, causal=True):
     """The stored dropout mask (_dropout_bits): (b h, bytes), a bit a weight."""
     bits = torch.empty(b * h, _mask_bytes(l, block), dtype=torch.uint8, device=seed.device)
-    _dropout_bits[(triton.cdiv(l, block), b * h)](seed, bits, l, dropout_p, BLOCK=block, CAUSAL=causal)
+    _dropout_bits[(_cdiv(l, block), b * h)](seed, bits, l, dropout_p, BLOCK=block, CAUSAL=causal)
     return bits
 
 
@@ -199,7 +199,7 @@ def launch_config(kernel, device, d_state=None, length=0):
     interpreter, whose time goes by programs, sequences longer than 128 (a scan: 64) get tiles and
     chunks 2x larger per doubling: still several to a sequence."""
     on_cuda = torch.device(device).type == 'cuda'
-    grow = 1 if on_cuda else max(1, triton.next_power_of_2(max(length, 1)) // (64 if kernel in SCANS else 128))
+    grow = 1 if on_cuda else max(1, _next_pow2(max(length, 1)) // (64 if kernel in SCANS else 128))
     if kernel in SCANS:
         return dict(SCANS[kernel]) if on_cuda else {name: SCANS_INTERPRETED[name] * grow for name in SCANS[kernel]}
     if not on_cuda:
@@ -653,10 +653,21 @@ def _dropout_bits(SEED, MASK, L, dropout_p, BLOCK: tl.constexpr, CAUSAL: tl.cons
 # The attention op: forward and backward registered with torch.library, so torch.compile sees
 # one opaque call (no graph break) and autograd knows its gradient.
 
+def _cdiv(a, b):
+    """triton.cdiv on the host: Triton's serves kernels too, through a wrapper that costs microseconds a
+    call, several times a layer in eager evaluation and in steps without CUDA graphs."""
+    return -(-a // b)
+
+
+def _next_pow2(n):
+    """triton.next_power_of_2 on the host (see _cdiv): the least power of two >= n."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _pad_to_pow2(x, least=16):
     """Zero columns up to a power of two >= 16 (what tl.arange and tl.dot need): they add nothing to any dot."""
     n = x.size(-1)
-    width = max(least, triton.next_power_of_2(n))
+    width = max(least, _next_pow2(n))
     return x if width == n else F.pad(x, (0, width - n))
 
 
@@ -684,8 +695,8 @@ def _launch(kernel, name, rows, q, RC, scale, dropout_p, *args):
     d_s = RC.size(-1)
     meta = launch_config(name, q.device, d_s, l)
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
-    blocks = max(triton.next_power_of_2(triton.cdiv(l, meta['BLOCK'])), 2)
-    kernel[(triton.cdiv(l, meta[rows]), b * h)](*args, h, l, scale, dropout_p, DH=d_h, DS=d_s,
+    blocks = max(_next_pow2(_cdiv(l, meta['BLOCK'])), 2)
+    kernel[(_cdiv(l, meta[rows]), b * h)](*args, h, l, scale, dropout_p, DH=d_h, DS=d_s,
                                                 PRECISION=precision, BLOCKS=blocks, DROPOUT=dropout_p > 0, **meta)
 
 
@@ -724,7 +735,7 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dRC, dRB = torch.empty_like(RC), torch.empty_like(RB)
     # dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it: each sum from the kernel that walks it, in fp32
     delta, dg_query, dg = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
-    query_tiles = triton.cdiv(q.size(2), launch_config('dq', q.device, RC.size(-1), q.size(2))['BLOCK_M'])
+    query_tiles = _cdiv(q.size(2), launch_config('dq', q.device, RC.size(-1), q.size(2))['BLOCK_M'])
     dlam_tiles = torch.empty(q.size(0) * q.size(1), query_tiles, dtype=torch.float32, device=q.device)
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
     mask = mask if dropout_p > 0 else None
@@ -887,8 +898,8 @@ def _channels_launch(kernel, name, C, *args):
     (b, h, l, d_s)."""
     b, h, l, d_s = C.shape
     meta = launch_config(name, C.device, length=l)
-    width = triton.next_power_of_2(max(d_s // 2, 1))  # the pairs, padded to a power of two
-    kernel[(triton.cdiv(l, meta['CHUNK']), b * h)](*args, h, l, d_s // 2, WIDTH=width, **meta)
+    width = _next_pow2(max(d_s // 2, 1))  # the pairs, padded to a power of two
+    kernel[(_cdiv(l, meta['CHUNK']), b * h)](*args, h, l, d_s // 2, WIDTH=width, **meta)
 
 
 @torch.library.custom_op('nanosisa::channels', mutates_args=())
@@ -990,7 +1001,7 @@ def _cumsum_op(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor
     p1, p2, l, i = x.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     meta = launch_config('cumsum', x.device, length=l)
-    _cumsum[(triton.cdiv(l, meta['CHUNK']), p1 * p2)](x, y, *x.stride(), p2, l, i, WIDTH=triton.next_power_of_2(i),
+    _cumsum[(_cdiv(l, meta['CHUNK']), p1 * p2)](x, y, *x.stride(), p2, l, i, WIDTH=_next_pow2(i),
                                                       REVERSE=reverse, **meta)
     return y.view(shape)
 

@@ -279,6 +279,19 @@ def test_model_stays_causal_when_a_head_forgets_fast():
     torch.testing.assert_close(logits[:, :-1], logits2[:, :-1], rtol=1e-5, atol=1e-5)
 
 
+def test_the_recorded_diagnostics_are_lambda_the_half_lives_and_the_largest_decay_span():
+    attn = fast_forgetting_model().transformer.h[0].attn
+    log_alpha = -torch.tensor([[[0.1, 0.2, 0.3], [1.0, 2.0, 3.0]]])  # (b, h, l): spans g_0 - g_2 of 0.5 and 5 nats
+    attn.record(log_alpha, torch.tensor([0.5, 2.0]), torch.float32)
+    assert attn.stats['lam'] == [0.5, 2.0]
+    assert attn.stats['half_life'] == pytest.approx([math.log(2) / 0.2, math.log(2) / 2.0])
+    assert attn.stats['span'] == pytest.approx(5.0) and not attn.stats['chunked']
+    attn.record(log_alpha, torch.tensor([0.5, 2.0]), torch.float16)  # fp16 holds about 4 nats
+    assert attn.stats['chunked']
+    attn.record(log_alpha * 20, torch.tensor([0.5, 2.0]), torch.float32)
+    assert attn.stats['span'] == pytest.approx(100.0) and attn.stats['chunked']
+
+
 def test_the_papers_clamped_offset_lets_the_last_token_reach_earlier_logits():
     # the same model and inputs with the paper's recipe (the ablation): c = (max g + min g) / 2
     # moves with the last token's decay, and beyond 22 nats the clamp keeps it from cancelling
