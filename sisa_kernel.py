@@ -220,7 +220,7 @@ def launch_config(kernel, device, d_state=None, length=0):
     short = {}
     for table in (SHORT, ONE_PASS) if config is CONFIG else ():
         short.update(table.get(kernel, {}) if length <= table['length'] else {})
-    meta = dict(config[kernel], **short, **wide, BLOCK=config['BLOCK'])
+    meta = {**config[kernel], **short, **wide, 'BLOCK': config['BLOCK']}  # later tables win
     assert all(meta['BLOCK'] % meta[tile] == 0 for tile in ('BLOCK_M', 'BLOCK_N')), 'tiles must divide BLOCK'
     return meta
 

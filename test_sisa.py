@@ -669,6 +669,21 @@ def test_the_kernels_dropout_follows_torchs_seed_and_zero_draws_nothing(device):
     assert not torch.equal(first[0], zero[0])
 
 
+def test_the_launch_configuration_on_a_gpu_is_each_tables_for_every_width_and_length(monkeypatch):
+    # CONFIG, then SHORT and ONE_PASS by length, then WIDE by d_state: tables that set the same key
+    # (dk dv's stages) must merge, not clash
+    import sisa_kernel as K
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0))
+    cuda = torch.device('cuda')
+    for d_s, l in ((16, 256), (16, 1024), (16, 2048), (32, 256), (32, 2048), (64, 256), (64, 1024), (64, 2048)):
+        dkdv = K.launch_config('dkdv', cuda, d_s, l)
+        assert dkdv['num_stages'] == (1 if l <= 1024 or d_s > 16 else 3), (d_s, l)
+        assert dkdv.get('ONE_PASS', False) == (l <= 256), (d_s, l)
+        assert K.launch_config('forward', cuda, d_s, l)['num_stages'] == (2 if d_s == 64 else 3)
+        assert K.launch_config('dq', cuda, d_s, l)['num_stages'] == (2 if d_s == 64 else 3)
+        assert all(K.launch_config(k, cuda, d_s, l)['BLOCK'] == 64 for k in ('forward', 'dq', 'dkdv'))
+
+
 def test_the_fused_kernel_runs_where_it_can_and_says_why_where_it_cannot(monkeypatch):
     cpu = torch.device('cpu')
     assert fused_kernel('sdpa', cpu) is False and fused_kernel('auto', cpu) is False  # auto: CUDA only
