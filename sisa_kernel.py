@@ -25,9 +25,7 @@ The sequence is cut into blocks of BLOCK (64) tokens.
   dots for them: the score is q.k alone. Heads that forget fast (a half-life of a few tokens, as
   trained heads have) remember a few blocks back, and most key tiles of a long block cost q.k only.
 
-The backward pass is flash attention's, with the same cases: dq per query tile, then dk and dv per key
-tile. For short sequences (ONE_PASS) the second kernel also adds each pair's share of dq and dC into
-fp32 rows, and a small kernel finishes them: one pass over the pairs, not two. The gradient of g needs no
+The backward pass is flash attention's, with the same cases. The gradient of g needs no
 extra pass: score_ij depends on g_i and -g_j through the same term W_ij = exp(g_i - g_j) C_i.B_j,
 so dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it. The two sums nearly cancel where heads
 remember long (each pair (i, j) with t on neither side of it adds to both), so each kernel
@@ -146,8 +144,7 @@ def cumsum(x, dim, reverse=False):
 # attention, sisa_attention_fused (score_ij above; blocks of BLOCK rows decide each pair's offset)
 #   _forward             o and each row's log-sum-exp: an online softmax over key tiles (_forward_step)
 #   _backward_dq         dq, dL/dRC, the query side of dL/dg and dL/dlambda per query tile (_dq_step)
-#   _backward_dkdv       dk, dv, dL/dRB, dL/dg = query side - key side (_dkdv_step); in ONE_PASS dq and dC too
-#   _backward_finish     ONE_PASS: dq, dL/dRC and the query side of dL/dg from the rows dk dv added up
+#   _backward_dkdv       dk, dv, dL/dRB, dL/dg = query side - key side (_dkdv_step)
 #   shared helpers       _scores: score_ij of a tile; _channel, _decayed, _tf32: C and B tiles as the
 #                        dots read them; _forgotten, _remembered_keys, _remembered_queries: the key
 #                        blocks whose importance is 0 in fp32; _kept: a tile's dropout mask, from the stored bits
@@ -183,11 +180,6 @@ WIDE = {32: dict(dkdv=dict(num_stages=1)),
 # Sequences of at most SHORT['length'] tokens (the tiny shapes): dk dv faster at 1 stage, at 2048 tokens
 # slower (docs/performance.md).
 SHORT = dict(length=1024, dkdv=dict(num_stages=1))
-# Sequences of at most ONE_PASS['length'] tokens (nanoGPT's block of 256): the backward pass in one kernel and a
-# small one, dk dv's adding each pair's dS k and dS B into fp32 rows of dq and dC by atomics (_backward_dkdv's
-# ONE_PASS), where _backward_dq would compute every P and dS again; faster at 256 tokens, slower at 1024 and
-# 2048 (docs/performance.md). The atomics' order varies, so dq and dC vary from run to run in the last bits.
-ONE_PASS = dict(length=256, dkdv=dict(ONE_PASS=True))
 # Under Triton's interpreter (the CPU tests, at about 70 tokens): small tiles of different sizes,
 # so that a short sequence crosses blocks and tiles.
 INTERPRETED = dict(BLOCK=32, forward=dict(BLOCK_M=16, BLOCK_N=32), dkdv=dict(BLOCK_M=32, BLOCK_N=16),
@@ -217,9 +209,7 @@ def launch_config(kernel, device, d_state=None, length=0):
     else:
         config = CONFIG if torch.cuda.get_device_capability(device) >= (8, 0) else SMALL
     wide = WIDE.get(min(d_state, 64), {}).get(kernel, {}) if config is CONFIG else {}
-    short = {}
-    for table in (SHORT, ONE_PASS) if config is CONFIG else ():
-        short.update(table.get(kernel, {}) if length <= table['length'] else {})
+    short = SHORT.get(kernel, {}) if config is CONFIG and length <= SHORT['length'] else {}
     meta = {**config[kernel], **short, **wide, 'BLOCK': config['BLOCK']}  # later tables win
     assert all(meta['BLOCK'] % meta[tile] == 0 for tile in ('BLOCK_M', 'BLOCK_N')), 'tiles must divide BLOCK'
     return meta
@@ -548,10 +538,9 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, MASK, DQ, DC, DGQ, DL
 
 
 @triton.jit
-def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, DQ_ACC, DC_ACC, stride_ql, stride_dol, lam, g_k,
-               scale, j, m0, L, MASK, dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr,
-               BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr,
-               DROPOUT: tl.constexpr, ONE_PASS: tl.constexpr):
+def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol, lam, g_k, scale, j, m0,
+               L, MASK, dropout_p, DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+               DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     i = m0 + tl.arange(0, BLOCK_M)
     q, do = _rows(Q, i, L, stride_ql, DH), _rows(DO, i, L, stride_dol, DH)
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
@@ -578,8 +567,6 @@ def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, DQ_ACC, DC
         dp = tl.where(kept, dp, 0.0)
     ds = p * (dp - delta[:, None])                                 # dL/dscore_ij
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    if ONE_PASS:  # dq's share, dS k as _dq_step computes it
-        _add_rows(DQ_ACC, i, L, tl.dot(ds.to(k.dtype), k, input_precision=PRECISION), DH)
     if IMPORTANCE:
         if DIAGONAL:
             ds = ds * tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
@@ -589,25 +576,19 @@ def _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, DQ_ACC, DC
             db_step = tl.dot(tl.trans(ds.to(c_tile.dtype)), c_tile, input_precision=PRECISION) * scale
             db += db_step * tl.exp2(tl.minimum(c0 - g_k, 0.0) * LOG2E)[:, None]
         dg += tl.sum(b_tile * db_step, 1)  # sum_i dS_ij W_ij, from the very products the scores used
-        if ONE_PASS:  # dC's share: the keys of the queries' block and of earlier blocks apart, as _backward_dq sums them
-            _add_rows(DC_ACC + (0 if DIAGONAL else L * DS), i, L,
-                      tl.dot(ds.to(b_tile.dtype), b_tile, input_precision=PRECISION), DS)
     return dk, dv, db, dg
 
 
 @triton.jit
-def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, MASK, DK, DV, DB, DG, DQ_ACC, DC_ACC, stride_qb,
-                   stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_dob,
-                   stride_doh, stride_dol, H, L, scale, dropout_p, DH: tl.constexpr, DS: tl.constexpr,
+def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, MASK, DK, DV, DB, DG, stride_qb, stride_qh, stride_ql,
+                   stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_dob, stride_doh,
+                   stride_dol, H, L, scale, dropout_p, DH: tl.constexpr, DS: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
-                   PRECISION: tl.constexpr, DROPOUT: tl.constexpr, ONE_PASS: tl.constexpr = False):
+                   PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """BLOCK_N keys of one (batch, head), walking query tiles of BLOCK_M. DO, DK, DV share the strides stride_do*.
     Queries in the keys' block pair with them pairwise; query tiles in later blocks take the
     offset _forward took for them (g at their block's first row). Runs after _backward_dq,
-    whose delta it reads and whose query-side sum for dL/dg it completes. ONE_PASS (no _backward_dq
-    before it; delta from the op): each pair's dS k and dS B are added into the fp32 rows DQ_ACC (l, DH)
-    and DC_ACC (2, l, DS) of the head, and DG gets the key side alone, -sum_i dS_ij W_ij, which
-    _backward_finish completes."""
+    whose delta it reads and whose query-side sum for dL/dg it completes."""
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     if DROPOUT:  # this head's dropout bits
@@ -618,8 +599,6 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, MASK, DK, DV, DB,
         DV + z * stride_dob + h * stride_doh
     C, B, DB, G = C + bh * L * DS, B + bh * L * DS, DB + bh * L * DS, G + bh * L
     LSE, DELTA, DGQ, DG = LSE + bh * L, DELTA + bh * L, DGQ + bh * L, DG + bh * L
-    if ONE_PASS:
-        DQ_ACC, DC_ACC = DQ_ACC + bh.to(tl.int64) * L * DH, DC_ACC + bh.to(tl.int64) * 2 * L * DS
     block_end = n0 - n0 % BLOCK + BLOCK             # the end of the keys' block
     m1 = tl.minimum(_remembered_queries(G, block_end, L, BLOCK, BLOCKS), L)
     j = n0 + tl.arange(0, BLOCK_N)
@@ -632,71 +611,29 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, MASK, DK, DV, DB,
     db = tl.zeros([BLOCK_N, DS], tl.float32)
     dg = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(n0 - n0 % BLOCK_M, block_end, BLOCK_M):  # query tiles in the keys' block (pairwise)
-        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, DQ_ACC, DC_ACC,
-                                    stride_ql, stride_dol, lam, g_k, scale, j, m0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_M,
-                                    DIAGONAL=True, IMPORTANCE=True, PRECISION=PRECISION, DROPOUT=DROPOUT,
-                                    ONE_PASS=ONE_PASS)
+        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol,
+                                    lam, g_k, scale, j, m0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_M,
+                                    DIAGONAL=True, IMPORTANCE=True, PRECISION=PRECISION, DROPOUT=DROPOUT)
     for m0 in range(block_end, m1, BLOCK_M):        # query tiles in later blocks
-        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, DQ_ACC, DC_ACC,
-                                    stride_ql, stride_dol, lam, g_k, scale, j, m0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_M,
-                                    DIAGONAL=False, IMPORTANCE=True, PRECISION=PRECISION, DROPOUT=DROPOUT,
-                                    ONE_PASS=ONE_PASS)
+        dk, dv, db, dg = _dkdv_step(dk, dv, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA, stride_ql, stride_dol,
+                                    lam, g_k, scale, j, m0, L, MASK, dropout_p, DH, DS, BLOCK, BLOCK_M,
+                                    DIAGONAL=False, IMPORTANCE=True, PRECISION=PRECISION, DROPOUT=DROPOUT)
     e = tl.arange(0, DS)
     tl.store(DB + j[:, None] * DS + e[None, :], db.to(DB.dtype.element_ty), mask=j[:, None] < L)
     # dL/dg_j = sum_i dS_ji W_ji - sum_i dS_ij W_ij: the query side from _backward_dq, the key side here
-    dg_query = 0.0 if ONE_PASS else tl.load(DGQ + j, mask=j < L, other=0.0)
-    tl.store(DG + j, dg_query - dg, mask=j < L)
+    tl.store(DG + j, tl.load(DGQ + j, mask=j < L, other=0.0) - dg, mask=j < L)
     if m1 < L:  # query tiles in later blocks that forgot these keys: q.k alone, into accumulators of their
         # own (carrying dk, dv through this loop slowed the whole kernel: docs/performance.md)
         dk_far, dv_far = tl.zeros([BLOCK_N, DH], tl.float32), tl.zeros([BLOCK_N, DH], tl.float32)
         for m0 in range(m1, L, BLOCK_M):
             dk_far, dv_far, db, dg = _dkdv_step(dk_far, dv_far, db, dg, k, v, b_tile, Q, DO, C, G, LSE, DELTA,
-                                                DQ_ACC, DC_ACC, stride_ql, stride_dol, lam, g_k, scale, j, m0, L,
-                                                MASK, dropout_p, DH, DS, BLOCK, BLOCK_M, DIAGONAL=False,
-                                                IMPORTANCE=False, PRECISION=PRECISION, DROPOUT=DROPOUT,
-                                                ONE_PASS=ONE_PASS)
+                                                stride_ql, stride_dol, lam, g_k, scale, j, m0, L, MASK, dropout_p,
+                                                DH, DS, BLOCK, BLOCK_M, DIAGONAL=False, IMPORTANCE=False,
+                                                PRECISION=PRECISION, DROPOUT=DROPOUT)
         dk, dv = dk + dk_far, dv + dv_far
     d = tl.arange(0, DH)
     tl.store(DK + j[:, None] * stride_dol + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=j[:, None] < L)
     tl.store(DV + j[:, None] * stride_dol + d[None, :], dv.to(DV.dtype.element_ty), mask=j[:, None] < L)
-
-
-@triton.jit
-def _add_rows(X, rows, L, x, D: tl.constexpr):
-    """X[rows] += x in an fp32 (l, D) slab, rows past L left alone: atomic adds, since the programs of other
-    key tiles add to the same rows."""
-    tl.atomic_add(X + rows[:, None] * D + tl.arange(0, D)[None, :], x, mask=rows[:, None] < L, sem='relaxed')
-
-
-@triton.jit
-def _backward_finish(C, G, LAM, DQ_ACC, DC_ACC, DQ, DC, DG, DLAM, stride_dqb, stride_dqh, stride_dql, H, L, scale,
-                     DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """The end of _backward_dq for BLOCK_M queries of one (batch, head), from the sums that _backward_dkdv's one
-    pass added up (DQ_ACC, DC_ACC: dS k, and dS B over the keys of the queries' block and of earlier blocks):
-    dq, dL/dR(Phi)C, the query side of dL/dg, added to DG's key side, and this tile's share of dL/dlambda."""
-    m0, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
-    z, h = bh // H, bh % H
-    i = m0 + tl.arange(0, BLOCK_M)
-    C, G, DC, DG = C + bh * L * DS, G + bh * L, DC + bh * L * DS, DG + bh * L
-    DQ_ACC, DC_ACC = DQ_ACC + bh.to(tl.int64) * L * DH, DC_ACC + bh.to(tl.int64) * 2 * L * DS
-    lam = tl.load(LAM + h)
-    rc = _rows(C, i, L, DS, DS)
-    c_tile = _tf32(rc * lam, PRECISION=PRECISION)
-    g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
-    c0 = tl.load(G + m0 - m0 % BLOCK)
-    dc, dc_off = _rows(DC_ACC, i, L, DS, DS), _rows(DC_ACC + L * DS, i, L, DS, DS)
-    # as _backward_dq: each side of dL/dg from the very products the scores used, c_off's factor last
-    c_off = _decayed(c_tile, g_q, c0, 1 / scale, PRECISION=PRECISION)
-    dg = tl.sum(c_tile * dc, 1) + tl.sum(c_off * dc_off, 1) * scale
-    dc += dc_off * tl.exp2(tl.minimum(g_q - c0, 0.0) * LOG2E)[:, None]
-    e, d = tl.arange(0, DS), tl.arange(0, DH)
-    tl.store(DC + i[:, None] * DS + e[None, :], (dc * lam).to(DC.dtype.element_ty), mask=i[:, None] < L)
-    tl.store(DG + i, tl.load(DG + i, mask=i < L, other=0.0) + dg, mask=i < L)
-    tl.store(DLAM + bh * tl.num_programs(0) + tl.program_id(0), tl.sum(rc * dc))
-    dq = _rows(DQ_ACC, i, L, DH, DH) * scale
-    DQ = DQ + z * stride_dqb + h * stride_dqh
-    tl.store(DQ + i[:, None] * stride_dql + d[None, :], dq.to(DQ.dtype.element_ty), mask=i[:, None] < L)
 
 
 @triton.jit
@@ -757,13 +694,10 @@ def _launch(kernel, name, rows, q, RC, scale, dropout_p, *args):
     b, h, l, d_h = q.shape
     d_s = RC.size(-1)
     meta = launch_config(name, q.device, d_s, l)
+    precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
     blocks = max(_next_pow2(_cdiv(l, meta['BLOCK'])), 2)
     kernel[(_cdiv(l, meta[rows]), b * h)](*args, h, l, scale, dropout_p, DH=d_h, DS=d_s,
-                                                PRECISION=_precision(q), BLOCKS=blocks, DROPOUT=dropout_p > 0, **meta)
-
-
-def _precision(q):
-    return 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
+                                                PRECISION=precision, BLOCKS=blocks, DROPOUT=dropout_p > 0, **meta)
 
 
 @torch.library.custom_op('nanosisa::attention', mutates_args=())
@@ -795,34 +729,21 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                         mask: torch.Tensor, scale: float, dropout_p: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
-    b, h, l, d_h = q.shape
     dq, dk, dv = _empty_bhld(q), _empty_bhld(q), _empty_bhld(q)
     do = do.transpose(1, 2).contiguous().transpose(1, 2)  # the layout of dq, dk, dv
     # fp32: dlambda and dPhi are sums over the whole sequence of terms that nearly cancel
     dRC, dRB = torch.empty_like(RC), torch.empty_like(RB)
     # dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it: each sum from the kernel that walks it, in fp32
     delta, dg_query, dg = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
+    query_tiles = _cdiv(q.size(2), launch_config('dq', q.device, RC.size(-1), q.size(2))['BLOCK_M'])
+    dlam_tiles = torch.empty(q.size(0) * q.size(1), query_tiles, dtype=torch.float32, device=q.device)
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
     mask = mask if dropout_p > 0 else None
-    meta = launch_config('dkdv', q.device, RC.size(-1), l)
-    if meta.get('ONE_PASS'):  # short sequences: dk dv's kernel adds up dq and dC too, _backward_finish ends them
-        delta = (o.float() * do.float()).sum(-1).contiguous()  # o_i . do_i, which _backward_dq computes otherwise
-        dq_acc = torch.zeros(b * h, l, d_h, dtype=torch.float32, device=q.device)
-        dc_acc = torch.zeros(b * h, 2, l, RC.size(-1), dtype=torch.float32, device=q.device)
-        _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam, do, lse,
-                delta, dg_query, mask, dk, dv, dRB, dg, dq_acc, dc_acc, *strides)
-        dlam_tiles = torch.empty(b * h, _cdiv(l, meta['BLOCK_M']), dtype=torch.float32, device=q.device)
-        _backward_finish[(dlam_tiles.size(1), b * h)](RC, g, lam, dq_acc, dc_acc, dq, dRC, dg, dlam_tiles, *_bhl(dq),
-                                                      h, l, scale, DH=d_h, DS=RC.size(-1), BLOCK=meta['BLOCK'],
-                                                      BLOCK_M=meta['BLOCK_M'], PRECISION=_precision(q))
-    else:
-        query_tiles = _cdiv(l, launch_config('dq', q.device, RC.size(-1), l)['BLOCK_M'])
-        dlam_tiles = torch.empty(b * h, query_tiles, dtype=torch.float32, device=q.device)
-        _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam, o, do, lse,
-                delta, mask, dq, dRC, dg_query, dlam_tiles, *strides, *_bhl(o))
-        _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam, do, lse,
-                delta, dg_query, mask, dk, dv, dRB, dg, None, None, *strides)
-    dlam = dlam_tiles.view(b, h, -1).sum((0, 2)).to(lam.dtype)  # one share per query tile
+    _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam, o, do, lse,
+            delta, mask, dq, dRC, dg_query, dlam_tiles, *strides, *_bhl(o))
+    _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam, do, lse,
+            delta, dg_query, mask, dk, dv, dRB, dg, *strides)
+    dlam = dlam_tiles.view(q.size(0), q.size(1), -1).sum((0, 2)).to(lam.dtype)  # one share per query tile
     return dq, dk, dv, dRC, dRB, dg, dlam
 
 

@@ -960,23 +960,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import sisa_kernel as K
 out = []
-# the short sequences' backward in one pass (ONE_PASS) at SHORT's stages too, where CONFIG runs it
-short = dict(K.SHORT['dkdv'], **K.ONE_PASS['dkdv'])
 for arch, config, wide in ((75, K.SMALL, {}), (86, K.CONFIG, K.WIDE)):
     for d_s in (16, 32, 64):
-        for name, fn, extra in (('forward', K._forward, {}), ('dq', K._backward_dq, {}), ('dkdv', K._backward_dkdv, {}),
-                                ('dkdv', K._backward_dkdv, short if config is K.CONFIG else None)):
-            if extra is None:
-                continue
-            meta = {**config[name], **extra, **wide.get(d_s, {}).get(name, {})}
+        for name, fn in (('forward', K._forward), ('dq', K._backward_dq), ('dkdv', K._backward_dkdv)):
+            meta = dict(config[name], **wide.get(d_s, {}).get(name, {}))
             consts = dict(DH=64, DS=d_s, BLOCK=config['BLOCK'], BLOCK_M=meta['BLOCK_M'], BLOCK_N=meta['BLOCK_N'],
-                          BLOCKS=32, PRECISION='tf32', DROPOUT=False, **({'ONE_PASS': bool(extra)} if name == 'dkdv' else {}))
+                          BLOCKS=32, PRECISION='tf32', DROPOUT=False)
             sig = {a: 'constexpr' if a in consts else '*fp16' if a in ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV')
                    else '*i64' if a == 'SEED' else '*fp32' if a.isupper() and a not in ('H', 'L')
                    else 'fp32' if a in ('scale', 'dropout_p') else 'i32' for a in fn.arg_names}
             kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', arch, 32),
                                     options=dict(num_warps=meta['num_warps'], num_stages=meta['num_stages']))
-            out.append((arch, d_s, name + (' one pass' if extra else ''), kernel.metadata.shared))
+            out.append((arch, d_s, name, kernel.metadata.shared))
 print(json.dumps(out))
 """
 
@@ -986,13 +981,13 @@ def test_the_kernels_fit_the_shared_memory_of_the_gpus_they_are_configured_for()
     # A kernel that needs more shared memory than a block may have fails at launch. Compiled here
     # (Triton compiles without a GPU), in a process of its own without TRITON_INTERPRET: SMALL for
     # sm_75 (Turing, as in a T4: 64 kB a block), CONFIG with WIDE's stages for sm_86 (an RTX 30xx:
-    # 99 kB; Ada's sm_89 is the same, A100 and H100 have more), and its one-pass dk dv.
+    # 99 kB; Ada's sm_89 is the same, A100 and H100 have more).
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     run = subprocess.run([sys.executable, '-c', SHARED_MEMORY_SCRIPT], cwd=os.path.dirname(os.path.abspath(__file__)),
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     shared = json.loads(run.stdout.splitlines()[-1])
-    assert len(shared) == 21
+    assert len(shared) == 18
     limit = {75: 64 * 1024, 86: 99 * 1024}
     for arch, d_s, name, nbytes in shared:
         assert 0 < nbytes <= limit[arch], (arch, d_s, name, nbytes)

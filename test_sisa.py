@@ -558,38 +558,13 @@ def test_a_key_block_is_skipped_only_where_every_key_in_it_is_forgotten(device):
                            log_alpha=log_alpha)
 
 
-def backward_in_one_pass(one_pass, monkeypatch):
-    """The fused kernel's backward pass in one pass (dq and dC added up by dk dv's kernel) or in two kernels,
-    whatever the length (sisa_kernel.ONE_PASS takes one pass for short sequences on CUDA, two elsewhere)."""
-    import sisa_kernel
-    monkeypatch.setattr(sisa_kernel, 'ONE_PASS', dict(length=10**9 if one_pass else -1, dkdv=dict(ONE_PASS=True)))
-    monkeypatch.setitem(sisa_kernel.INTERPRETED, 'dkdv', dict(sisa_kernel.INTERPRETED['dkdv'], ONE_PASS=one_pass))
-
-
-@pytest.mark.parametrize("one_pass", [False, True])
-@pytest.mark.parametrize("span, dropout_p", [(10.0, 0.0), (3000.0, 0.0), (3000.0, 0.3)])
-def test_the_backward_in_one_pass_is_as_exact_as_in_two_kernels(device, one_pass, span, dropout_p, monkeypatch):
-    # 10 nats: every pair weighs; 3000: the first blocks forgotten by the later ones (q.k alone there).
-    # On the CPU several key tiles add into each query tile's rows (tiles of 16 keys, 32 queries).
-    if 'triton' not in kernels(device):
-        pytest.skip('the fused kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1')
-    backward_in_one_pass(one_pass, monkeypatch)
-    shape = dict(b=2, h=3, l=1000, d_h=64) if device.type == 'cuda' else dict(b=1, h=2, l=70, d_h=16)
-    check_against_fp64(device, 'triton', torch.float32, d_s=16, span=span, tol=TOLERANCES[torch.float32][0],
-                       grad_tol=TOLERANCES[torch.float32][1], dropout_p=dropout_p, **shape)
-
-
-@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gradient_of_the_first_decay_is_zero(device, dtype, one_pass, monkeypatch):
+def test_gradient_of_the_first_decay_is_zero(device, dtype):
     # log_alpha_0 shifts every g_t by the same amount, and scores see only g_i - g_j: its gradient
     # is exactly 0. It is the sum of dg_t = C_t.dC_t - B_t.dB_t over the sequence, where every
     # pair (i, j) adds its term once with each sign: a kernel whose query and key sides round a
     # pair differently leaves 16-bit noise from every pair here (and in every d log_alpha_t).
-    backward_in_one_pass(one_pass, monkeypatch)
     for kernel in kernels(device):
-        if kernel == 'sdpa' and one_pass:
-            continue  # the SDPA form has one backward pass
         x = spanned_inputs(1, 2, 256, 16, 16, 10.0, device)  # long memory: every pair weighs
         x = [t.to(dtype).requires_grad_() for t in x[:-1]] + [x[-1].float()]
         out = sisa_attention(*x, kernel=kernel)
@@ -669,16 +644,16 @@ def test_the_kernels_dropout_follows_torchs_seed_and_zero_draws_nothing(device):
     assert not torch.equal(first[0], zero[0])
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="sisa_kernel.py needs Triton (pip install triton)")
 def test_the_launch_configuration_on_a_gpu_is_each_tables_for_every_width_and_length(monkeypatch):
-    # CONFIG, then SHORT and ONE_PASS by length, then WIDE by d_state: tables that set the same key
-    # (dk dv's stages) must merge, not clash
+    # CONFIG, then SHORT by length, then WIDE by d_state: tables that set the same key (dk dv's
+    # stages) must merge, not clash
     import sisa_kernel as K
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0))
     cuda = torch.device('cuda')
     for d_s, l in ((16, 256), (16, 1024), (16, 2048), (32, 256), (32, 2048), (64, 256), (64, 1024), (64, 2048)):
         dkdv = K.launch_config('dkdv', cuda, d_s, l)
         assert dkdv['num_stages'] == (1 if l <= 1024 or d_s > 16 else 3), (d_s, l)
-        assert dkdv.get('ONE_PASS', False) == (l <= 256), (d_s, l)
         assert K.launch_config('forward', cuda, d_s, l)['num_stages'] == (2 if d_s == 64 else 3)
         assert K.launch_config('dq', cuda, d_s, l)['num_stages'] == (2 if d_s == 64 else 3)
         assert all(K.launch_config(k, cuda, d_s, l)['BLOCK'] == 64 for k in ('forward', 'dq', 'dkdv'))
