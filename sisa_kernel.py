@@ -697,7 +697,7 @@ def _launch(kernel, name, rows, q, RC, scale, dropout_p, *args):
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
     blocks = max(_next_pow2(_cdiv(l, meta['BLOCK'])), 2)
     kernel[(_cdiv(l, meta[rows]), b * h)](*args, h, l, scale, dropout_p, DH=d_h, DS=d_s,
-                                                PRECISION=precision, BLOCKS=blocks, DROPOUT=dropout_p > 0, **meta)
+                                          PRECISION=precision, BLOCKS=blocks, DROPOUT=dropout_p > 0, **meta)
 
 
 @torch.library.custom_op('nanosisa::attention', mutates_args=())
@@ -1002,7 +1002,7 @@ def _cumsum_op(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     meta = launch_config('cumsum', x.device, length=l)
     _cumsum[(_cdiv(l, meta['CHUNK']), p1 * p2)](x, y, *x.stride(), p2, l, i, WIDTH=_next_pow2(i),
-                                                      REVERSE=reverse, **meta)
+                                                REVERSE=reverse, **meta)
     return y.view(shape)
 
 
