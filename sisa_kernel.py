@@ -356,17 +356,17 @@ def _mask_tile(MASK, i, j, L, BLOCK: tl.constexpr):
 
 @triton.jit
 def _kept(MASK, i, j, L, BLOCK: tl.constexpr):
-    """Which weights of a (rows, cols) tile dropout keeps, from the stored bits (_dropout_bits): each byte's eight
-    bits to its eight weights, i = 16 A + 8 h + r and j = 16 a + 8 n + 2 c + e taking bit 4 h + 2 n + e. Tiles
-    start at multiples of 16, so a weight's bit follows from its place in the tile: one constant a register."""
+    """Which weights of a (rows, cols) tile dropout keeps, from the stored bits (_dropout_bits): byte (8 A + r,
+    4 a + c) holds weights i = 16 A + 8 h + r, j = 16 a + 8 n + 2 c + e in bit 4 h + 2 n + e. Each byte is split
+    into its eight bits, which a reshape and a permutation carry to their weights: written so, the compiler moves
+    the tile's bytes between threads (rows / 2 x cols / 4) and lays the bits out as the scores are, where
+    testing a bit of the widened bytes moved the whole rows x cols mask (docs/performance.md)."""
     M: tl.constexpr = i.shape[0]
     N: tl.constexpr = j.shape[0]
-    bits = tl.load(_mask_tile(MASK, i, j, L, BLOCK)).to(tl.int32)
-    groups = tl.reshape(bits, (M // 16, 1, 8, N // 16, 1, 4, 1))
-    wide = tl.reshape(tl.broadcast_to(groups, (M // 16, 2, 8, N // 16, 2, 4, 2)), (M, N))
-    rows, cols = tl.arange(0, M), tl.arange(0, N)
-    bit = 1 << (4 * ((rows >> 3) & 1)[:, None] + (2 * ((cols >> 3) & 1) + (cols & 1))[None, :])
-    return (wide & bit) != 0
+    bits = tl.load(_mask_tile(MASK, i, j, L, BLOCK)).to(tl.int32)             # (A r, a c)
+    each = (bits[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1          # (A r, a c, h n e)
+    each = tl.permute(tl.reshape(each, (M // 16, 8, N // 16, 4, 2, 2, 2)), (0, 4, 1, 2, 5, 3, 6))  # A h r a n c e
+    return tl.reshape(each, (M, N)) != 0
 
 
 # -----------------------------------------------------------------------------
