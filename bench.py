@@ -13,6 +13,7 @@ allocator state: the figure is the one the model gets when timed alone. It takes
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -119,14 +120,39 @@ def time_steps(cfg, vocab):
 
 
 def profile(step, sync, device, steps=5):
-    """torch.profiler's table of the kernels (or CPU ops) that take the most time over `steps` steps."""
+    """torch.profiler's table of the kernels (or CPU ops) that take the most time over `steps` steps,
+    and on CUDA the GPU time a step by kind of kernel (kernel_kinds)."""
     activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == 'cuda')
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         sync()
     key = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-    return f'{steps} steps:\n' + prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    table = f'{steps} steps:\n' + prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    if device.type == 'cuda':
+        kinds = kernel_kinds([(e.name, e.device_time) for e in prof.events()
+                              if e.device_type == torch.autograd.DeviceType.CUDA], steps)
+        table += (f'GPU time a step, {sum(kinds.values()):,.0f} us: '
+                  + ', '.join(f'{kind} {us:,.0f}' for kind, us in kinds.items()) + '\n')
+    return table
+
+
+# the kinds of kernel a step's GPU time is summed by: the first pattern that a kernel's name matches
+KERNEL_KINDS = [("SISA's attention", r'^_(forward|backward_dq|backward_dkdv|dropout_bits)$'),
+                ("SISA's channels", r'^_(channels_\w+|cumsum)$'),
+                ("SDPA's attention", r'cudnn|flash|fmha|attention'),
+                ('matrix products', r'gemm|nvjet|cutlass|xmma|splitK'),
+                ("inductor's fused kernels", r'^triton_'),
+                ('optimizer', r'multi_tensor|foreach|adam')]
+
+
+def kernel_kinds(kernels, steps):
+    """Microseconds a step by kind (KERNEL_KINDS, else 'other'), from (kernel name, microseconds) pairs, largest first."""
+    out = {}
+    for name, us in kernels:
+        kind = next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name)), 'other')
+        out[kind] = out.get(kind, 0.0) + us / steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def benchmark(cfg):

@@ -705,6 +705,23 @@ def test_bench_times_both_models_and_prints_their_ratio(workdir, capsys):
     assert f'throughput {ratio:.3f}x' in out and 'half-life 4 tokens' in out and 'vocab 36' in out
 
 
+def test_bench_sums_a_steps_gpu_time_by_kind_of_kernel():
+    # names as torch.profiler reported them on an H200 (torch 2.11), microseconds over 2 steps
+    kernels = [('_backward_dkdv', 400.0), ('_forward', 100.0), ('_dropout_bits', 20.0), ('_channels_backward', 30.0),
+               ('_cumsum', 2.0), ('cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26', 300.0),
+               ('void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*)', 10.0),
+               ('nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT', 80.0),
+               ('void cublasLt::splitKreduce_kernel<32, 16, int, float>', 4.0),
+               ('triton_per_fused__fused_rms_norm_backward__to_copy_add_native_dropout_backward_view_6', 60.0),
+               ('triton_poi_fused__to_copy_add_arange_cos_div_mul_neg_pow_select_sin_stack_unsqueeze_view_8', 6.0),
+               ('void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata>', 8.0),
+               ('void at::native::reduce_kernel<128, 4>', 2.0)]
+    kinds = bench.kernel_kinds(kernels, steps=2)
+    assert kinds == {"SISA's attention": 260.0, "SDPA's attention": 155.0, "inductor's fused kernels": 33.0,
+                     'matrix products': 42.0, "SISA's channels": 16.0, 'optimizer': 4.0, 'other': 1.0}
+    assert list(kinds) == sorted(kinds, key=kinds.get, reverse=True)  # largest first
+
+
 def test_sample_asks_a_needle_model_held_out_questions_and_marks_each_answer(workdir, capsys):
     run_train('--max_iters=3', '--eval_interval=3')
     capsys.readouterr()
