@@ -46,7 +46,7 @@ class BenchConfig(TrainConfig):
     repeats: int = opt(1, 'times each model is timed, alternating, each in a fresh process; the median counts')
     half_life: float = opt(0.0, "every SISA head's decay half-life in tokens (0: as initialized, ~100)")
     vocab_size: int = opt(0, "vocabulary of the random tokens (0: the dataset's)")
-    profile: bool = opt(False, 'after timing, profile 5 steps of each model (torch.profiler) and print its top kernels')
+    profile: bool = opt(False, 'after timing, profile 5 steps of each model: top kernels, GPU time by kind')
 
     def __post_init__(self):
         super().__post_init__()
@@ -147,7 +147,7 @@ KERNEL_KINDS = [("SISA's attention", r'^_(forward|backward_dq|backward_dkdv|drop
 
 
 def kernel_kinds(kernels, steps):
-    """Microseconds a step by kind (KERNEL_KINDS, else 'other'), from (kernel name, microseconds) pairs, largest first."""
+    """Microseconds a step by kind (KERNEL_KINDS, else 'other'), largest first, from (kernel name, microseconds)."""
     out = {}
     for name, us in kernels:
         kind = next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name)), 'other')
