@@ -140,9 +140,9 @@ def profile(step, sync, device, steps=5):
 # the kinds of kernel a step's GPU time is summed by: the first pattern that a kernel's name matches
 KERNEL_KINDS = [("SISA's attention", r'^_(forward|backward_dq|backward_dkdv|dropout_bits)$'),
                 ("SISA's channels", r'^_(channels_\w+|cumsum)$'),
+                ("inductor's fused kernels", r'^triton_'),  # before SDPA's: their names can hold 'attention'
                 ("SDPA's attention", r'cudnn|flash|fmha|attention'),
                 ('matrix products', r'gemm|nvjet|cutlass|xmma|splitK'),
-                ("inductor's fused kernels", r'^triton_'),
                 ('optimizer', r'multi_tensor|foreach|adam')]
 
 
