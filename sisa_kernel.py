@@ -112,7 +112,8 @@ def _mask_bytes(l, block):
 def _draw_bits(seed, b, h, l, dropout_p, block, causal=True):
     """The stored dropout mask (_dropout_bits): (b h, bytes), a bit a weight."""
     bits = torch.empty(b * h, _mask_bytes(l, block), dtype=torch.uint8, device=seed.device)
-    _dropout_bits[(_cdiv(l, block), b * h)](seed, bits, l, dropout_p, BLOCK=block, CAUSAL=causal)
+    tiles = _cdiv(l, block)
+    _dropout_bits[(tiles, tiles, b * h)](seed, bits, l, dropout_p, BLOCK=block, CAUSAL=causal)
     return bits
 
 
@@ -638,15 +639,15 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, MASK, DK, DV, DB,
 
 @triton.jit
 def _dropout_bits(SEED, MASK, L, dropout_p, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
-    """The dropout bits of BLOCK query rows of one (batch, head), drawn from Philox (_draw) into the stored mask
-    that the attention kernels read (_mask_tile): the key tiles up to the diagonal's (CAUSAL), or all."""
-    i, bh = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), tl.program_id(1)
-    key = _dropout_key(SEED, bh)
-    MASK += bh.to(tl.int64) * _mask_size(L, BLOCK)
-    end = (tl.program_id(0) + 1) * BLOCK if CAUSAL else tl.cdiv(L, BLOCK) * BLOCK
-    for n0 in range(0, end, BLOCK):
-        j = n0 + tl.arange(0, BLOCK)
-        tl.store(_mask_tile(MASK, i, j, L, BLOCK), _draw(key, i, j, L, dropout_p).to(tl.uint8))
+    """The dropout bits of one BLOCK x BLOCK tile of one (batch, head), drawn from Philox (_draw) into the
+    stored mask that the attention kernels read (_mask_tile); with CAUSAL none above the diagonal. A program
+    a tile, so that every program draws as much: with one a row of tiles, the last row's drew l / BLOCK tiles
+    one after another while most of the GPU waited (docs/performance.md)."""
+    qb, kb, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if not CAUSAL or kb <= qb:
+        i, j = qb * BLOCK + tl.arange(0, BLOCK), kb * BLOCK + tl.arange(0, BLOCK)
+        MASK += bh.to(tl.int64) * _mask_size(L, BLOCK)
+        tl.store(_mask_tile(MASK, i, j, L, BLOCK), _draw(_dropout_key(SEED, bh), i, j, L, dropout_p).to(tl.uint8))
 
 
 # -----------------------------------------------------------------------------
