@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import prepare_data
+from sisa import fused_kernel
 
 
 def load_data(cfg, rank=0):
@@ -143,39 +144,77 @@ def copy_probe(model, data, device, ctx):
                      needle_accuracy(model, data, prompts, device, ctx)] for L, prompts in data.probes.items()}
 
 
+class Loss:
+    """model(x, y)'s loss, eager; on CUDA replayed from a CUDA graph, one a shape of batch, captured at
+    its first batch. An eager forward launches a few hundred kernels, and at the tiny shapes the host takes
+    longer to launch them than the GPU to run them (docs/performance.md); a replay launches them at once.
+    The graphs live as long as this object: evaluate makes one an evaluation, so no memory stays held."""
+
+    def __init__(self, model, ctx, graphs):
+        self.model, self.ctx, self.graphs = model, ctx, {} if graphs else None
+
+    def __call__(self, x, y):
+        if self.graphs is None:
+            with self.ctx:
+                return self.model(x, y)[1]
+        if x.shape not in self.graphs:
+            self.graphs[x.shape] = self.capture(x.clone(), y.clone())
+        static_x, static_y, graph, loss = self.graphs[x.shape]
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        return loss.clone()  # the next replay overwrites loss
+
+    def capture(self, x, y):
+        stream = torch.cuda.Stream()  # one forward on the capture's stream first, as torch's CUDA graph notes ask
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), self.ctx:
+            self.model(x, y)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream), self.ctx:  # autocast inside: its weight casts are captured
+            _, loss = self.model(x, y)
+        return x, y, graph, loss
+
+
 @torch.no_grad()
-def evaluate(model, data, cfg, device, ctx):
+def evaluate(model, data, cfg, device, ctx, graphs=None):
     """What train.py logs at each evaluation: train and val loss, the task's score (needle, copy probe
-    or recall) and SISA's diagnostics per layer."""
+    or recall) and SISA's diagnostics per layer. graphs: the losses' forwards from CUDA graphs (Loss); by
+    default on CUDA, for the Transformer and SISA's fused kernel."""
     model.eval()
     attns = [block.attn for block in model.transformer.h]
-    out = {}
+    if graphs is None:  # where training takes them (train.compile_mode): the chunked SDPA form syncs on its chunks
+        graphs = device.type == 'cuda' and all(not a.sisa or a.offset == 'exact' and fused_kernel(a.kernel, device)
+                                               for a in attns)
+    loss_of = Loss(model, ctx, graphs)
+    for a in attns:
+        a.record_stats = True  # no sync: read once below
+    out, stats = {}, []
     for split in ('train', 'val'):
-        losses, chunked = [], []
+        losses = []
         for k in range(cfg.eval_iters):
-            for a in attns:
-                a.record_stats = split == 'val'
             x, y = data.batch(split, k, device, stream=1)  # the same eval batches every time
-            with ctx:
-                _, loss = model(x, y)
-            losses.append(loss.item())
+            losses.append(loss_of(x, y))
             if split == 'val' and attns[0].sisa:
-                chunked.append([a.stats['chunked'] for a in attns])
-        out[f'{split}_loss'] = float(np.mean(losses))
+                stats.append(torch.stack([a.stats for a in attns]))  # (layers, values)
+        out[f'{split}_loss'] = torch.stack(losses).float().mean().item()
     for a in attns:
         a.record_stats = False
+    del loss_of  # its graphs' memory
     if data.needles and cfg.eval_needles:  # --eval_needles=0: no needle evaluation
         out['needle_acc'] = needle_accuracy(model, data, data.needles[:cfg.eval_needles], device, ctx)
     if hasattr(data, 'lengths'):  # associative recall: the share of answers right at each length
         out['recall_acc'] = recall_accuracy(model, data, device, ctx, cfg.eval_iters)
     if data.probes:  # the copying corpus: the paper's copy probe at three lengths
         out['probe'] = copy_probe(model, data, device, ctx)
-    if attns[0].sisa:  # lambda per head, mean decay half-life, how often the exact path chunked
-        out['layers'] = [dict(lam=[round(v, 4) for v in a.stats['lam']],
-                              half_life=round(float(np.mean(a.stats['half_life'])), 1),
-                              span=round(a.stats['span'], 1),
-                              chunked=float(np.mean([c[i] for c in chunked])))
-                         for i, a in enumerate(attns)]
+    if attns[0].sisa:  # lambda per head, mean decay half-life (the last val batch's), how often the exact path chunked
+        batches = [[a.diagnostics(values) for a, values in zip(attns, layers)] for layers in torch.stack(stats).tolist()]
+        out['layers'] = [dict(lam=[round(v, 4) for v in last['lam']],
+                              half_life=round(float(np.mean(last['half_life'])), 1),
+                              span=round(last['span'], 1),
+                              chunked=float(np.mean([b[i]['chunked'] for b in batches])))
+                         for i, last in enumerate(batches[-1])]
     model.train()
     return out
 

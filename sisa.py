@@ -385,8 +385,8 @@ class CausalSelfAttention(nn.Module):
             self.a_bias = nn.Parameter(torch.full((config.n_head,), -5.0))
             # lambda = softplus(lambda_raw) ~ 0.31, fp32 under autocast too (a test holds it)
             self.lambda_raw = nn.Parameter(torch.full((config.n_head,), math.log(math.expm1(0.31))))
-        self.record_stats = False  # train.py turns this on to read SISA's diagnostics
-        self.stats = None
+        self.record_stats = False  # evaluate turns this on to read SISA's diagnostics
+        self.stats, self.stats_dtype = None, None
 
     def reset_ssm_parameters(self):
         """Paper's init: w_a = 0 (every token starts with the same decay), W_theta small."""
@@ -464,12 +464,20 @@ class CausalSelfAttention(nn.Module):
 
     @torch.no_grad()
     def record(self, log_alpha, lam, dtype):
+        """Keep this forward's diagnostics as one tensor, read by diagnostics(): a read waits for the GPU, so
+        evaluate reads every batch's at once at its end (and a CUDA graph can capture this)."""
         span = (-log_alpha[..., 1:]).sum(-1).max()  # nats of decay across the sequence, g_0 - g_last: the most
         half_life = math.log(2) / -log_alpha.mean(dim=(0, 2))
-        h = lam.numel()
-        values = torch.cat([lam.float(), half_life.float(), span.float()[None]]).tolist()  # one sync, not four
-        self.stats = dict(lam=values[:h], half_life=values[h:2 * h], span=values[-1],
-                          chunked=values[-1] > max_decay_span(dtype))
+        self.stats = torch.cat([lam.float(), half_life.float(), span.float()[None]])
+        self.stats_dtype = dtype
+
+    def diagnostics(self, values=None):
+        """record's values (the last recorded, or a list of them) as lambda and the mean decay half-life per
+        head, the largest decay span, and whether the chunked SDPA form needs chunks for it in the forward's dtype."""
+        values = self.stats.tolist() if values is None else values
+        h = (len(values) - 1) // 2
+        return dict(lam=values[:h], half_life=values[h:2 * h], span=values[-1],
+                    chunked=values[-1] > max_decay_span(self.stats_dtype))
 
 
 class MLP(nn.Module):

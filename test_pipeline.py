@@ -453,6 +453,38 @@ def test_the_evaluation_warm_up_leaves_the_model_training_and_the_random_stream_
     assert all(p.grad is None and torch.equal(p, q) for p, q in zip(model.parameters(), params))
 
 
+def numbers(x):
+    """The numbers in a nest of dicts and lists, in order."""
+    if isinstance(x, dict):
+        return [v for key in sorted(x) for v in numbers(x[key])]
+    return [v for item in x for v in numbers(item)] if isinstance(x, list) else [x]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs run on CUDA only')
+@pytest.mark.parametrize('attention', ['sisa', 'softmax'])
+def test_an_evaluation_from_cuda_graphs_is_the_eager_one(attention):
+    # associative recall: batches of three lengths, a graph for each; a replay reads the weights as they are
+    # now, and a whole evaluation (losses, recall, SISA's diagnostics) is the eager one
+    cuda = torch.device('cuda')
+    cfg = recall_flags(f'--attention={attention}', '--eval_iters=6')
+    data = tr.load_data(cfg)
+    torch.manual_seed(0)
+    model = GPT(tr.model_config(cfg, data.meta['vocab_size'])).to(cuda).eval()
+    ctx = torch.autocast('cuda', dtype=torch.bfloat16)
+    loss_of = ds.Loss(model, ctx, graphs=True)
+    with torch.no_grad():
+        for step, length in enumerate((64, 128, 64, 256, 128)):
+            x, y = data.batch('val', step, cuda, length=length)
+            with ctx:
+                _, want = model(x, y)
+            assert loss_of(x, y).item() == pytest.approx(want.item(), rel=1e-3), length  # (cuBLAS may pick other tiles)
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.02)  # as large as the initial weights: the next replay reads them
+    assert sorted(shape[1] for shape in loss_of.graphs) == [64, 128, 256]
+    eager, graphed = (ds.evaluate(model, data, cfg, cuda, ctx, graphs=g) for g in (False, True))
+    assert numbers(graphed) == pytest.approx(numbers(eager), rel=1e-3, abs=1e-4)
+
+
 def test_compile_mode_auto_takes_cuda_graphs_only_where_they_are_known_to_work(monkeypatch):
     monkeypatch.setattr(tr, 'fused_kernel', lambda kernel, where: kernel != 'sdpa')  # as on a GPU with Triton
     monkeypatch.delenv('RANK', raising=False)

@@ -273,7 +273,7 @@ def test_model_stays_causal_when_a_head_forgets_fast():
     other = idx.clone()
     other[:, -1] = (idx[:, -1] + 1 + torch.arange(3)) % 50
     logits, _ = model(idx, idx)
-    spans = [block.attn.stats['span'] for block in model.transformer.h]
+    spans = [block.attn.diagnostics()['span'] for block in model.transformer.h]
     assert min(spans) > 50  # the regime where the paper's clamp would bite
     logits2, _ = model(other, other)
     torch.testing.assert_close(logits[:, :-1], logits2[:, :-1], rtol=1e-5, atol=1e-5)
@@ -283,13 +283,15 @@ def test_the_recorded_diagnostics_are_lambda_the_half_lives_and_the_largest_deca
     attn = fast_forgetting_model().transformer.h[0].attn
     log_alpha = -torch.tensor([[[0.1, 0.2, 0.3], [1.0, 2.0, 3.0]]])  # (b, h, l): spans g_0 - g_2 of 0.5 and 5 nats
     attn.record(log_alpha, torch.tensor([0.5, 2.0]), torch.float32)
-    assert attn.stats['lam'] == [0.5, 2.0]
-    assert attn.stats['half_life'] == pytest.approx([math.log(2) / 0.2, math.log(2) / 2.0])
-    assert attn.stats['span'] == pytest.approx(5.0) and not attn.stats['chunked']
+    stats = attn.diagnostics()
+    assert stats['lam'] == [0.5, 2.0]
+    assert stats['half_life'] == pytest.approx([math.log(2) / 0.2, math.log(2) / 2.0])
+    assert stats['span'] == pytest.approx(5.0) and not stats['chunked']
+    assert attn.diagnostics(attn.stats.tolist()) == stats  # read later from the values
     attn.record(log_alpha, torch.tensor([0.5, 2.0]), torch.float16)  # fp16 holds about 4 nats
-    assert attn.stats['chunked']
+    assert attn.diagnostics()['chunked']
     attn.record(log_alpha * 20, torch.tensor([0.5, 2.0]), torch.float32)
-    assert attn.stats['span'] == pytest.approx(100.0) and attn.stats['chunked']
+    assert attn.diagnostics()['span'] == pytest.approx(100.0) and attn.diagnostics()['chunked']
 
 
 def test_the_papers_clamped_offset_lets_the_last_token_reach_earlier_logits():
@@ -836,5 +838,5 @@ def test_training_on_real_text_stays_finite_while_heads_forget_beyond_one_call(d
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.5
-    spans = [block.attn.stats['span'] for block in model.transformer.h]
+    spans = [block.attn.diagnostics()['span'] for block in model.transformer.h]
     assert min(spans) > max_decay_span(torch.float32)  # still past what one SDPA call holds

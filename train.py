@@ -182,9 +182,9 @@ def compiled_or_eager(model, batch, ctx, mode='default'):
 
 @torch.no_grad()
 def warm_up_evaluation(model, batch, ctx):
-    """One forward as evaluate runs it (eager, no dropout) before the clock starts, so that the kernels it
-    needs compile here and not in the first evaluation, which the loop's tokens per second count: SISA's
-    fused kernel without dropout is a kernel of its own, compiled at its first call."""
+    """One forward of the uncompiled model, as evaluate runs it (no dropout), before the clock starts, so that
+    the kernels it needs compile here and not in the first evaluation, which the loop's tokens per second
+    count: SISA's fused kernel without dropout is a kernel of its own, compiled at its first call."""
     model.eval()
     try:
         with ctx:
