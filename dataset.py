@@ -152,6 +152,7 @@ class Loss:
 
     def __init__(self, model, ctx, graphs):
         self.model, self.ctx, self.graphs = model, ctx, {} if graphs else None
+        self.attns = [block.attn for block in model.transformer.h]
 
     def __call__(self, x, y):
         if self.graphs is None:
@@ -159,10 +160,12 @@ class Loss:
                 return self.model(x, y)[1]
         if x.shape not in self.graphs:
             self.graphs[x.shape] = self.capture(x.clone(), y.clone())
-        static_x, static_y, graph, loss = self.graphs[x.shape]
+        static_x, static_y, graph, loss, stats = self.graphs[x.shape]
         static_x.copy_(x)
         static_y.copy_(y)
         graph.replay()
+        for a, s in zip(self.attns, stats):
+            a.stats = s  # what this graph recorded (a later capture left its own there)
         return loss.clone()  # the next replay overwrites loss
 
     def capture(self, x, y):
@@ -174,7 +177,7 @@ class Loss:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream), self.ctx:  # autocast inside: its weight casts are captured
             _, loss = self.model(x, y)
-        return x, y, graph, loss
+        return x, y, graph, loss, [a.stats for a in self.attns]
 
 
 @torch.no_grad()
@@ -200,8 +203,8 @@ def evaluate(model, data, cfg, device, ctx, graphs=None):
                 stats.append(torch.stack([a.stats for a in attns]))  # (layers, values)
         out[f'{split}_loss'] = torch.stack(losses).float().mean().item()
     for a in attns:
-        a.record_stats = False
-    del loss_of  # its graphs' memory
+        a.record_stats, a.stats = False, None  # no tensor left in the graphs' memory
+    del loss_of  # the graphs and their memory
     if data.needles and cfg.eval_needles:  # --eval_needles=0: no needle evaluation
         out['needle_acc'] = needle_accuracy(model, data, data.needles[:cfg.eval_needles], device, ctx)
     if hasattr(data, 'lengths'):  # associative recall: the share of answers right at each length
