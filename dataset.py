@@ -211,8 +211,8 @@ def evaluate(model, data, cfg, device, ctx, graphs=None):
         out['recall_acc'] = recall_accuracy(model, data, device, ctx, cfg.eval_iters)
     if data.probes:  # the copying corpus: the paper's copy probe at three lengths
         out['probe'] = copy_probe(model, data, device, ctx)
-    if attns[0].sisa:  # lambda per head, mean decay half-life (the last val batch's), how often the exact path chunked
-        batches = [[a.diagnostics(values) for a, values in zip(attns, layers)] for layers in torch.stack(stats).tolist()]
+    if attns[0].sisa:  # lambda per head, mean half-life (the last val batch's), how often the exact path chunked
+        batches = [[a.diagnostics(v) for a, v in zip(attns, layers)] for layers in torch.stack(stats).tolist()]
         out['layers'] = [dict(lam=[round(v, 4) for v in last['lam']],
                               half_life=round(float(np.mean(last['half_life'])), 1),
                               span=round(last['span'], 1),
