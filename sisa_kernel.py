@@ -405,8 +405,8 @@ def _forward(Q, K, V, C, B, G, LAM, MASK, O, LSE, stride_qb, stride_qh, stride_q
     """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous; C is R(Phi) C, lambda applied here.
     BLOCK_M and BLOCK_N divide BLOCK, the length of the blocks that decide each pair's offset;
     BLOCKS is a power of two, at least the number of blocks in L. MASK: DROPOUT's bits (_dropout_bits)."""
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
-    bh = tl.program_id(1)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # longest rows first (_launch)
+    bh = tl.program_id(0)
     z, h = bh // H, bh % H
     Q, K, V = Q + z * stride_qb + h * stride_qh, K + z * stride_kb + h * stride_kh, V + z * stride_vb + h * stride_vh
     O = O + z * stride_ob + h * stride_oh
@@ -487,8 +487,8 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, MASK, DQ, DC, DGQ, DL
     """BLOCK_M queries of one (batch, head), walking key tiles of BLOCK_N. DO and DQ share the strides stride_do*.
     The offset for keys in earlier blocks is g at the queries' block's first row, as in _forward.
     Writes dL/dR(Phi)C (lambda applied) and this tile's share of dL/dlambda, sum R(Phi)C . dC."""
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    bh = tl.program_id(0)
     if DROPOUT:  # this head's dropout bits
         MASK += bh.to(tl.int64) * _mask_size(L, BLOCK)
     z, h = bh // H, bh % H
@@ -533,7 +533,7 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, MASK, DQ, DC, DGQ, DL
     e = tl.arange(0, DS)
     tl.store(DC + i[:, None] * DS + e[None, :], (dc * lam).to(DC.dtype.element_ty), mask=i[:, None] < L)
     tl.store(DGQ + i, dg, mask=i < L)
-    tl.store(DLAM + bh * tl.num_programs(0) + m0 // BLOCK_M, tl.sum(rc * dc))  # rows past L are 0 in rc
+    tl.store(DLAM + bh * tl.num_programs(1) + m0 // BLOCK_M, tl.sum(rc * dc))  # rows past L are 0 in rc
     d = tl.arange(0, DH)
     tl.store(DQ + i[:, None] * stride_dol + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=i[:, None] < L)
 
@@ -590,8 +590,8 @@ def _backward_dkdv(Q, K, V, C, B, G, LAM, DO, LSE, DELTA, DGQ, MASK, DK, DV, DB,
     Queries in the keys' block pair with them pairwise; query tiles in later blocks take the
     offset _forward took for them (g at their block's first row). Runs after _backward_dq,
     whose delta it reads and whose query-side sum for dL/dg it completes."""
-    n0 = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    n0 = tl.program_id(1) * BLOCK_N  # the first keys walk the most queries: they start first (_launch)
+    bh = tl.program_id(0)
     if DROPOUT:  # this head's dropout bits
         MASK += bh.to(tl.int64) * _mask_size(L, BLOCK)
     z, h = bh // H, bh % H
@@ -685,6 +685,9 @@ def _empty_bhld(like):  # (b, h, l, d) laid out as (b, l, h, d): the model resha
 def _launch(kernel, name, rows, q, RC, scale, dropout_p, *args):
     """kernel[grid](*args) with launch_config(name): a program per tile of `rows` ('BLOCK_M' or 'BLOCK_N')
     rows, per batch x head. Without dropout (dropout_p 0) DROPOUT compiles the kernel without it.
+    The grid's first axis is batch x head, so every head's longest tile (the last queries, the first
+    keys) starts before any head's next one, and the short ones fill the end: with the tiles first,
+    the last heads' long tiles started last while most of the GPU waited (docs/performance.md).
 
     C and B stay fp32 whatever q's dtype, and their dots (the importance in every score, dC, dB)
     run in tf32 beside q.k's bf16 or fp16: lambda C.B can be several times q.k / sqrt(d_h), and
@@ -697,7 +700,7 @@ def _launch(kernel, name, rows, q, RC, scale, dropout_p, *args):
     meta = launch_config(name, q.device, d_s, l)
     precision = 'ieee' if q.dtype == torch.float32 else 'tf32'  # ieee: exact fp32 products, not tf32
     blocks = max(_next_pow2(_cdiv(l, meta['BLOCK'])), 2)
-    kernel[(_cdiv(l, meta[rows]), b * h)](*args, h, l, scale, dropout_p, DH=d_h, DS=d_s,
+    kernel[(b * h, _cdiv(l, meta[rows]))](*args, h, l, scale, dropout_p, DH=d_h, DS=d_s,
                                           PRECISION=precision, BLOCKS=blocks, DROPOUT=dropout_p > 0, **meta)
 
 
