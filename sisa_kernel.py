@@ -371,7 +371,7 @@ def _kept(MASK, i, j, L, BLOCK: tl.constexpr):
 
 
 # -----------------------------------------------------------------------------
-# forward: one program per (query tile, batch x head); online softmax over key tiles
+# forward: one program per (batch x head, query tile); online softmax over key tiles
 
 @triton.jit
 def _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_q, c0, scale, i, n0, L, MASK,
