@@ -150,7 +150,8 @@ def ssm_channels(C, B, log_alpha, theta, cumsum=torch.cumsum):
     dtype = torch.promote_types(C.dtype, torch.float32)
     g = cumsum(log_alpha.to(dtype), dim=-1)
     phi = cumsum(theta.to(dtype), dim=-2)
-    return g, rotate(C.to(dtype), phi), rotate(B.to(dtype), phi)
+    RC, RB = rotate(torch.stack((C, B)).to(dtype), phi).unbind(0)  # one rotation for both: the same angles
+    return g, RC, RB
 
 
 def importance(C, B, log_alpha, theta, lam):
