@@ -11,7 +11,7 @@ model (Mamba-3's complex SSM written as rotations), to every attention score:
     Bbar_j = exp(c - g_j) R(Phi_j) B_j      Phi_t = sum_{k<=t} theta_k
 
 so Cbar_i . Bbar_j = exp(g_i - g_j) (R(Phi_i) C_i) . (R(Phi_j) B_j): key j's state
-has decayed by alpha and turned by theta at every step since j. Appending the
+has decayed by alpha and turned back by theta at every step since j. Appending the
 SSM channels to the query and key makes the whole score one stock
 scaled_dot_product_attention call, with no recurrent state and no custom kernel.
 
@@ -102,6 +102,8 @@ def importance_naive(C, B, log_alpha, theta, lam):
     state, and every state is read out with C_t. The turn is clockwise because
     (R(Phi_i) C_i) . (R(Phi_j) B_j) = C_i . R(Phi_j - Phi_i) B_j: key j's state turned
     back by every theta since j.
+    Mamba adds the states up, each written with its token's input, and reads out the sum;
+    SISA needs each key's term C_i . state_j on its own, to add to score_ij: one state per key.
     No cumsum, no exp of a sum, no offset: it only ever multiplies by alpha <= 1,
     so it is slow, obvious and stable. It exists to teach and to test; use
     `importance` or `sisa_attention` for real work.
@@ -132,10 +134,10 @@ def max_decay_span(dtype):
 
     With the midpoint offset c, entries of Cbar and Bbar grow up to exp(span / 2),
     and the masked products Cbar_i . Bbar_j with j > i, which some SDPA backends
-    compute before masking, up to exp(span). Those must stay finite, with room
-    (2^10) for |C| |B| d_s lambda sqrt(d_h). The paper's fixed clamp of 11 is about
-    log(65504), fp16's range, so fp16 holds about 4 nats; bf16 has fp32's exponent,
-    so it holds about 82, as fp32 does.
+    compute before masking, up to exp(span). So span may reach log(dtype's max), less
+    log(2^10) of room for the rest of a product, |C| |B| d_s lambda sqrt(d_h):
+    about 82 nats in fp32 and bf16 (the same exponent), 4 in fp16 (max 65504).
+    The paper clamps g - c to +-11 whatever the dtype (paper_attention).
     """
     return math.log(torch.finfo(dtype).max) - 10 * math.log(2)
 
@@ -182,7 +184,9 @@ def sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p=0.0):
     """softmax(q.k / sqrt(d_h) + lambda Cbar.Bbar + causal mask) v as ONE stock SDPA call.
 
     With s = d_h^(1/4) sqrt(lambda), Qhat = [q ; s Cbar] and Khat = [k ; s Bbar]:
-    Qhat.Khat / sqrt(d_h) = q.k / sqrt(d_h) + lambda Cbar.Bbar. The scale is passed
+    Qhat.Khat / sqrt(d_h) = q.k / sqrt(d_h) + (s^2 / sqrt(d_h)) Cbar.Bbar, and
+    s^2 / sqrt(d_h) = lambda. sdpa (end of file) is F.scaled_dot_product_attention with
+    two backend workarounds that leave the numbers as they are. The scale is passed
     explicitly because SDPA's default would be 1 / sqrt(d_h + d_s). Exact while
     exp(g - c) and exp(c - g) stay in the dtype (max_decay_span);
     sisa_attention_chunked makes sure they do.
@@ -211,7 +215,7 @@ def sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
     far past underflow to 0, which is their true weight. Each chunk is one SDPA call with a
     lower-right causal mask, so a head that forgets N nats per block costs about
     N / max_decay_span calls: fine for the short blocks of a CPU; the fused kernel does it
-    in one launch. Args, Returns: as sisa_attention, which also takes kernel and offset.
+    in one launch. Args, Returns: as sisa_attention below, without kernel and offset.
     """
     g, RC, RB = ssm_channels(C, B, log_alpha, theta)
     span = g[..., 0] - g[..., -1]  # (b, h); g never increases
@@ -308,7 +312,7 @@ def paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, bound=1
 # is SISA or, with attention='softmax', the plain parameter-matched baseline.
 
 @dataclass
-class GPTConfig:
+class GPTConfig:  # defaults: nanoGPT's tiny Shakespeare shape; train.py's (TrainConfig) are a smaller model
     block_size: int = 256
     vocab_size: int = 50304
     n_layer: int = 6
@@ -662,9 +666,9 @@ def sdpa(q, k, v, **kwargs):
 
 def padded_linear(x, layer, pad_out=0):
     """layer(x), computed with pad_out zero rows appended to the weight (cut off the output): the
-    same numbers, in a width cuBLAS runs fast. SISA's widths are odd (its SwiGLU is the
-    Transformer's less what the SSM costs), and cuBLAS's fast kernels want rows of a multiple of
-    16 bytes (docs/performance.md)."""
+    same numbers, in a width cuBLAS runs fast. The SSM projection's width, h (2 d_s + 1 + d_s / 2),
+    is rarely one (CausalSelfAttention.project pads it to a multiple of 64 on CUDA); padded_swiglu
+    does the same for the SwiGLU (docs/performance.md)."""
     weight, bias = layer.weight, layer.bias
     if pad_out:
         weight = F.pad(weight, (0, 0, 0, pad_out))
