@@ -405,7 +405,7 @@ def test_bad_inputs_get_clear_messages(workdir, monkeypatch):
     assert r.returncode == 1 and 'Traceback' not in r.stderr
     assert "characters not in the vocabulary: 'A', 'C', 'E', 'H', 'T'" in r.stderr
     def oom(cfg, quiet=False):
-        raise torch.OutOfMemoryError('CUDA out of memory')
+        raise torch.cuda.OutOfMemoryError('CUDA out of memory')
     monkeypatch.setattr(tr, 'train', oom)
     assert '--batch_size' in exits(tr.main, TINY)
 

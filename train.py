@@ -3,9 +3,10 @@ Train a small SISA model (or, with --attention=softmax, the parameter-matched Tr
 
 $ python train.py                                   # needle-in-a-haystack, offline, minutes on a laptop CPU
 $ python train.py --attention=softmax --out_dir=out-softmax   # the same run with plain attention
-$ python train.py --dataset=shakespeare_char --block_size=256 --n_layer=6 --n_embd=384 --n_head=6 --out_dir=out-shakespeare
+$ python train.py --dataset=shakespeare_char --block_size=256 --n_layer=6 --n_embd=384 --n_head=6 \
+    --dropout=0.2 --out_dir=out-shakespeare        # nanoGPT's tiny Shakespeare model: a GPU's run
 $ python train.py config/recall.py                   # associative recall, answers scored (dataset.py)
-$ python train.py --init_from=resume --max_iters=8000   # continue out/ckpt.pt (the schedule stretches)
+$ python train.py --init_from=resume --max_iters=8000   # continue out/ckpt.pt (its cosine redrawn to 8000)
 $ torchrun --standalone --nproc_per_node=4 train.py --gradient_accumulation_steps=4  # several GPUs (DDP)
 
 compare.py trains both models over several seeds and prints a table; bench.py times them.
@@ -402,7 +403,7 @@ def main(argv):
         train(cfg)
     except (prepare_data.DataError, ValueError) as e:  # ValueError: bad model settings (sisa.GPTConfig)
         sys.exit(f'error: {e}')
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError, every device's, from torch 2.5 on
         sys.exit('error: out of GPU memory. Reduce --batch_size (and raise --gradient_accumulation_steps '
                  'to keep the tokens per step), --block_size, or the model (--n_layer, --n_embd). '
                  'The last checkpoint is untouched.')
