@@ -1199,6 +1199,22 @@ def test_the_recall_config_sets_the_smallest_recall_setting():
     assert tr.load_data(cfg).lengths == [64]
 
 
+def test_the_shakespeare_configs_set_nanogpts_model_and_a_cpus_and_both_models_match_in_size():
+    config = lambda name: parse_flags(tr.TrainConfig, [os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                    'config', name)], '')
+    gpu, cpu = config('shakespeare_char.py'), config('shakespeare_char_cpu.py')
+    assert (gpu.block_size, gpu.batch_size, gpu.dropout) == (256, 64, 0.2)
+    assert (gpu.n_layer, gpu.n_head, gpu.n_embd) == (6, 6, 384)
+    assert (gpu.learning_rate, gpu.min_lr, gpu.beta2, gpu.max_iters) == (1e-3, 1e-4, 0.99, 5000)
+    assert (cpu.block_size, cpu.n_layer, cpu.n_embd, cpu.max_iters) == (128, 4, 128, 1000)
+    for cfg in (gpu, cpu):
+        assert cfg.dataset == 'shakespeare_char' and cfg.out_dir == 'out-shakespeare'
+        with torch.device('meta'):  # the shapes only: each model builds, and SISA matches the Transformer's size
+            n = {a: GPT(tr.model_config(dataclasses.replace(cfg, attention=a), 65)).get_num_params()
+                 for a in ('sisa', 'softmax')}
+        assert abs(n['sisa'] - n['softmax']) / n['softmax'] < 1e-3, n
+
+
 def test_ctrl_c_in_any_script_is_one_line(workdir, monkeypatch):
     def pressed(*args, **kwargs):
         raise KeyboardInterrupt

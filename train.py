@@ -3,8 +3,7 @@ Train a small SISA model (or, with --attention=softmax, the parameter-matched Tr
 
 $ python train.py                                   # needle-in-a-haystack, offline, minutes on a laptop CPU
 $ python train.py --attention=softmax --out_dir=out-softmax   # the same run with plain attention
-$ python train.py --dataset=shakespeare_char --block_size=256 --n_layer=6 --n_embd=384 --n_head=6 \
-    --dropout=0.2 --out_dir=out-shakespeare        # nanoGPT's tiny Shakespeare model: a GPU's run
+$ python train.py config/shakespeare_char.py      # nanoGPT's tiny Shakespeare model, a GPU's run (_cpu.py: a CPU's)
 $ python train.py config/recall.py                   # associative recall, answers scored (dataset.py)
 $ python train.py --init_from=resume --max_iters=8000   # continue out/ckpt.pt (its cosine redrawn to 8000)
 $ torchrun --standalone --nproc_per_node=4 train.py --gradient_accumulation_steps=4  # several GPUs (DDP)
