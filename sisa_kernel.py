@@ -177,7 +177,7 @@ SMALL = dict(BLOCK=64, forward=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_sta
 # sooner, so fewer stages run faster (docs/performance.md). CONFIG's stages by d_state padded to a
 # power of two (wider than 64 takes 64's); the tiles stay CONFIG's.
 WIDE = {32: dict(dkdv=dict(num_stages=1)),
-        64: dict(forward=dict(num_stages=2), dq=dict(num_stages=2), dkdv=dict(num_stages=1))}
+        64: dict(forward=dict(num_stages=1), dq=dict(num_stages=1), dkdv=dict(num_stages=1))}
 # Sequences of at most SHORT['length'] tokens (the tiny shapes): dk dv faster at 1 stage, at 2048 tokens
 # slower (docs/performance.md).
 SHORT = dict(length=1024, dkdv=dict(num_stages=1))

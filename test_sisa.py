@@ -656,8 +656,8 @@ def test_the_launch_configuration_on_a_gpu_is_each_tables_for_every_width_and_le
     for d_s, l in ((16, 256), (16, 1024), (16, 2048), (32, 256), (32, 2048), (64, 256), (64, 1024), (64, 2048)):
         dkdv = K.launch_config('dkdv', cuda, d_s, l)
         assert dkdv['num_stages'] == (1 if l <= 1024 or d_s > 16 else 3), (d_s, l)
-        assert K.launch_config('forward', cuda, d_s, l)['num_stages'] == (2 if d_s == 64 else 3)
-        assert K.launch_config('dq', cuda, d_s, l)['num_stages'] == (2 if d_s == 64 else 3)
+        assert K.launch_config('forward', cuda, d_s, l)['num_stages'] == (1 if d_s == 64 else 3)
+        assert K.launch_config('dq', cuda, d_s, l)['num_stages'] == (1 if d_s == 64 else 3)
         assert all(K.launch_config(k, cuda, d_s, l)['BLOCK'] == 64 for k in ('forward', 'dq', 'dkdv'))
 
 
