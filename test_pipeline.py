@@ -327,6 +327,20 @@ def test_resume_continues_exactly_where_training_stopped(workdir):
     assert [e['iter'] for e in log] == [0, 3, 6, 10]
 
 
+def test_without_always_save_the_checkpoint_keeps_the_best_val_step_and_says_so(workdir, monkeypatch, capsys):
+    # val losses by step as an overfitting run gives them: best at step 10, worse after
+    val = {0: 3.0, 10: 2.0, 20: 2.5, 30: 2.2}
+    monkeypatch.setattr(tr, 'evaluate', lambda model, data, cfg, *a: dict(train_loss=1.0, val_loss=val[iters.pop(0)]))
+    iters = [0, 10, 20, 30]
+    tr.main(TINY + ['--attention=softmax', '--max_iters=30', '--eval_interval=10', '--always_save_checkpoint=False'])
+    ckpt = tr.load_checkpoint('out/ckpt.pt')
+    assert (ckpt['iter_num'], ckpt['best_val_loss']) == (10, 2.0)
+    assert 'out/ckpt.pt holds step 10, whose val loss 2.0000 no later step beat' in capsys.readouterr().out
+    iters[:] = [0, 10, 20, 30]  # the default: a checkpoint at every evaluation, and no such line
+    tr.main(TINY + ['--attention=softmax', '--max_iters=30', '--eval_interval=10', '--out_dir=every'])
+    assert tr.load_checkpoint('every/ckpt.pt')['iter_num'] == 30 and 'holds step' not in capsys.readouterr().out
+
+
 def test_training_lowers_the_loss_and_logs_sisa_diagnostics(workdir):
     history = run_train('--max_iters=40', '--eval_interval=20', '--learning_rate=1e-2')
     assert history[-1]['val_loss'] < history[0]['val_loss'] - 0.5
@@ -1202,7 +1216,8 @@ def test_the_recall_config_sets_the_smallest_recall_setting():
 def test_the_shakespeare_configs_set_nanogpts_model_and_a_cpus_and_both_models_match_in_size():
     # every value each file sets: nanoGPT's tiny Shakespeare model (config/train_shakespeare_char.py there)
     # and the CPU's smaller one whose run docs/results.md records
-    both = dict(dataset='shakespeare_char', out_dir='out-shakespeare', d_state=16, learning_rate=1e-3, min_lr=1e-4)
+    both = dict(dataset='shakespeare_char', out_dir='out-shakespeare', d_state=16, learning_rate=1e-3, min_lr=1e-4,
+                weight_decay=0.1, always_save_checkpoint=False)
     want = {'shakespeare_char.py': dict(both, block_size=256, batch_size=64, n_layer=6, n_head=6, n_embd=384,
                                         dropout=0.2, beta2=0.99, max_iters=5000, eval_interval=250),
             'shakespeare_char_cpu.py': dict(both, block_size=128, n_layer=4, n_head=4, n_embd=128, max_iters=1000,

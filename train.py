@@ -335,7 +335,7 @@ def train(cfg, quiet=False):
         os.remove(log_path)
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or quiet, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not redraws
-    t0, tokens_seen = time.time(), 0
+    t0, tokens_seen, saved = time.time(), 0, None
     while True:
         last = iter_num >= cfg.max_iters
         if master and (iter_num % cfg.eval_interval == 0 or last) and not (ckpt and iter_num == ckpt['iter_num'] and not last):
@@ -349,6 +349,7 @@ def train(cfg, quiet=False):
                 best_val_loss = min(best_val_loss, ev['val_loss'])
                 if iter_num > 0:
                     checkpoint()
+                    saved = iter_num
         if last or ctrl_c.stopping():
             break
 
@@ -383,7 +384,9 @@ def train(cfg, quiet=False):
     if master and ctrl_c.pressed:  # a finished run was saved by its last evaluation
         checkpoint()
         print(f'interrupted: saved step {iter_num} to {ckpt_path}; continue with --init_from=resume')
-    elif master and cfg.sample_tokens and not quiet:
+    elif master and not quiet and saved not in (None, iter_num):  # --always_save_checkpoint=False
+        print(f'{ckpt_path} holds step {saved}, whose val loss {best_val_loss:.4f} no later step beat')
+    if master and cfg.sample_tokens and not quiet and not ctrl_c.pressed:
         print_sample(raw_model, data, device, ctx, cfg.sample_tokens)
     if ddp:  # leave together: rank 0 may still be saving, and a rank that tears down early can abort a peer
         torch.distributed.barrier()
