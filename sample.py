@@ -83,13 +83,14 @@ def sample_text(model, meta, cfg, device, ctx):
         print(f'note: the prompt has {len(ids)} tokens; the model sees the last {model.config.block_size}')
     x = torch.tensor([ids], dtype=torch.long, device=device)
     show = lambda token: print(decode(token[0].tolist()), end='', flush=True)
-    for _ in range(cfg.num_samples):
+    for n in range(cfg.num_samples):
         t0 = time.time()
         print(decode(ids), end='', flush=True)
         with ctx:
             model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                            use_cache=cfg.use_cache, on_token=show)
-        print(f'\n--------------- ({cfg.max_new_tokens / (time.time() - t0):.0f} tokens/s)')
+        warm_up = ', warm-up included' if n == 0 else ''  # the first call's: seconds of it on a fresh GPU
+        print(f'\n--------------- ({cfg.max_new_tokens / (time.time() - t0):.0f} tokens/s{warm_up})')
 
 
 def sample(cfg):

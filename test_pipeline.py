@@ -396,6 +396,8 @@ def test_sample_loads_a_compiled_models_checkpoint_and_decodes(workdir, capsys):
     out = capsys.readouterr().out.splitlines()
     samples = [l for l in out if l.startswith('the cat sees a box.')]
     assert len(samples) == 2 and samples[0] == samples[1] and len(samples[0]) == len('the cat sees a box.') + 7
+    rates = [l for l in out if l.startswith('--------------- (')]  # only the first sample's rate counts the warm-up
+    assert len(rates) == 2 and 'warm-up included' in rates[0] and 'warm-up' not in rates[1]
     assert not os.path.exists('out/ckpt.pt.tmp')
 
 
