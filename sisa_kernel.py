@@ -146,7 +146,7 @@ def cumsum(x, dim, reverse=False):
 #   _forward             o and each row's log-sum-exp: an online softmax over key tiles (_forward_step)
 #   _backward_dq         dq, dL/dRC, the query side of dL/dg and dL/dlambda per query tile (_dq_step)
 #   _backward_dkdv       dk, dv, dL/dRB, dL/dg = query side - key side (_dkdv_step)
-#   shared helpers       _scores: score_ij of a tile; _channel, _decayed, _tf32: C and B tiles as the
+#   shared helpers       _scores: score_ij of a tile; _channel, _decayed, _rounded: C and B tiles as the
 #                        dots read them; _forgotten, _remembered_keys, _remembered_queries: the key
 #                        blocks whose importance is 0 in fp32; _kept: a tile's dropout mask, from the stored bits
 #   _dropout_bits        the dropout mask, drawn once a call into bits (_dropout_key, _draw)
@@ -224,6 +224,15 @@ FORGOTTEN = tl.constexpr(-126.0)  # log2 of fp32's smallest normal number
 
 
 @triton.jit
+def _score_dot(c_tile, b_tile, acc, PRECISION: tl.constexpr):
+    """acc + c_tile . b_tile^T, the importance's dot: in fp16 beside q.k's 16-bit operands (the tiles hold fp16's
+    values, _rounded), in fp32 for 'ieee'."""
+    if PRECISION == 'tf32':
+        return tl.dot(c_tile.to(tl.float16), tl.trans(b_tile.to(tl.float16)), acc)
+    return tl.dot(c_tile, tl.trans(b_tile), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _scores(q, k, c_tile, b_tile, g_q, g_k, scale, i, j, L, DIAGONAL: tl.constexpr, IMPORTANCE: tl.constexpr,
             PRECISION: tl.constexpr):
     """score_ij in log2 units for a (rows, cols) tile, -inf where masked.
@@ -236,12 +245,12 @@ def _scores(q, k, c_tile, b_tile, g_q, g_k, scale, i, j, L, DIAGONAL: tl.constex
         s = s * (scale * LOG2E)
     elif DIAGONAL:
         decay = tl.exp2(tl.minimum(g_q[:, None] - g_k[None, :], 0.0) * LOG2E)
-        imp = tl.dot(c_tile, tl.trans(b_tile), input_precision=PRECISION) * decay
+        imp = _score_dot(c_tile, b_tile, tl.zeros_like(s), PRECISION) * decay
         s = (s * scale + imp) * LOG2E
         keep = (j[None, :] <= i[:, None]) & (j[None, :] < L) & (i[:, None] < L)
         s = tl.where(keep, s, float('-inf'))
     else:  # every key is before every query and inside the sequence: nothing to mask
-        s = tl.dot(c_tile, tl.trans(b_tile), s, input_precision=PRECISION) * (scale * LOG2E)
+        s = _score_dot(c_tile, b_tile, s, PRECISION) * (scale * LOG2E)
     return s
 
 
@@ -254,15 +263,16 @@ def _rows(X, rows, L, stride_row, D: tl.constexpr):
 @triton.jit
 def _channel(X, rows, L, factor, DS: tl.constexpr, PRECISION: tl.constexpr):
     """Rows of R(Phi) C or R(Phi) B times factor (lambda for C, 1 for B), rounded as the dots read them."""
-    return _tf32(_rows(X, rows, L, DS, DS) * factor, PRECISION=PRECISION)
+    return _rounded(_rows(X, rows, L, DS, DS) * factor, PRECISION=PRECISION)
 
 
 @triton.jit
-def _tf32(x, PRECISION: tl.constexpr):
-    """x rounded to the 10-bit mantissa a tf32 dot reads (a no-op for 'ieee'). The gradient of g sums
-    C_i . dC_i and B_j . dB_j from these very values, so both sides of a pair see what the dot saw."""
+def _rounded(x, PRECISION: tl.constexpr):
+    """x rounded to fp16's values (a no-op for 'ieee'): the scores' C.B dots read them in fp16, dC's and dB's
+    in tf32, which holds them exactly. The gradient of g sums C_i . dC_i and B_j . dB_j from these very
+    values, so both sides of a pair see what the dots saw."""
     if PRECISION == 'tf32':
-        x = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+        x = x.to(tl.float16).to(tl.float32)
     return x
 
 
@@ -270,7 +280,7 @@ def _tf32(x, PRECISION: tl.constexpr):
 def _decayed(x, g_late, g_early, post, PRECISION: tl.constexpr):
     """x * exp(g_late - g_early) * post, rows of x scaled: the decay from an earlier row to a later
     one, at most 1 (the exponent is capped at 0)."""
-    return _tf32(x * (tl.exp2(tl.minimum(g_late - g_early, 0.0) * LOG2E) * post)[:, None], PRECISION=PRECISION)
+    return _rounded(x * (tl.exp2(tl.minimum(g_late - g_early, 0.0) * LOG2E) * post)[:, None], PRECISION=PRECISION)
 
 
 @triton.jit
@@ -502,7 +512,7 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, MASK, DQ, DC, DGQ, DL
     i = m0 + tl.arange(0, BLOCK_M)
     lam = tl.load(LAM + h)
     q, do, rc = _rows(Q, i, L, stride_ql, DH), _rows(DO, i, L, stride_dol, DH), _rows(C, i, L, DS, DS)
-    c_tile = _tf32(rc * lam, PRECISION=PRECISION)
+    c_tile = _rounded(rc * lam, PRECISION=PRECISION)
     delta = tl.sum(_rows(O, i, L, stride_ol, DH).to(tl.float32) * do.to(tl.float32), 1)  # sum_j P_ij dP_ij = o_i . do_i
     tl.store(DELTA + i, delta, mask=i < L)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
@@ -689,12 +699,14 @@ def _launch(kernel, name, rows, q, RC, scale, dropout_p, *args):
     keys) starts before any head's next one, and the short ones fill the end: with the tiles first,
     the last heads' long tiles started last while most of the GPU waited (docs/performance.md).
 
-    C and B stay fp32 whatever q's dtype, and their dots (the importance in every score, dC, dB)
-    run in tf32 beside q.k's bf16 or fp16: lambda C.B can be several times q.k / sqrt(d_h), and
-    bf16 operands (a relative rounding of 2^-8, tf32's is 2^-11) left larger errors in the output
+    C and B arrive in fp32 whatever q's dtype. Beside q.k's bf16 or fp16 the kernels round each tile of
+    them to fp16's values as they load and scale it (_channel, _decayed): the importance in every score
+    is an fp16 dot of those, twice tf32's rate, and dC, dB are tf32 dots of the same values against dS,
+    which can fall below fp16's range. lambda C.B can be several times q.k / sqrt(d_h), and bf16
+    operands (a relative rounding of 2^-8, fp16's and tf32's is 2^-11) left larger errors in the output
     and in the gradients of lambda, log_alpha and theta, sums that nearly cancel (docs/performance.md).
-    The kernels round every tile of them to tf32 as they load it (_channel, _decayed), so that their
-    sums for dL/dg see exactly what the dots saw."""
+    fp16's range is the limit: lambda sqrt(d_h) R(Phi)C and R(Phi)B must stay below 65504 (the decays
+    only shrink them), and values below 2^-14, decayed that far, round to steps of 2^-24."""
     b, h, l, d_h = q.shape
     d_s = RC.size(-1)
     meta = launch_config(name, q.device, d_s, l)
