@@ -180,10 +180,15 @@ def importance(C, B, log_alpha, theta, lam):
 # -----------------------------------------------------------------------------
 # SISA attention: the importance term folded into one SDPA call (Sec. 3.3).
 
+def channel_scale(lam, d_h, dtype):
+    """s = d_h^(1/4) sqrt(lambda), (1, h, 1, 1): the factor on Cbar and Bbar in [q ; s Cbar] and [k ; s Bbar]."""
+    return d_h ** 0.25 * lam.to(dtype).sqrt()[None, :, None, None]
+
+
 def sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p=0.0):
     """softmax(q.k / sqrt(d_h) + lambda Cbar.Bbar + causal mask) v as ONE stock SDPA call.
 
-    With s = d_h^(1/4) sqrt(lambda), Qhat = [q ; s Cbar] and Khat = [k ; s Bbar]:
+    With s = d_h^(1/4) sqrt(lambda) (channel_scale), Qhat = [q ; s Cbar] and Khat = [k ; s Bbar]:
     Qhat.Khat / sqrt(d_h) = q.k / sqrt(d_h) + (s^2 / sqrt(d_h)) Cbar.Bbar, and
     s^2 / sqrt(d_h) = lambda. sdpa (end of file) is F.scaled_dot_product_attention with
     two backend workarounds that leave the numbers as they are. The scale is passed
@@ -197,7 +202,7 @@ def sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p=0.0):
     Returns:
         (b, h, l, d_h)
     """
-    s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]  # (1, h, 1, 1)
+    s = channel_scale(lam, q.size(-1), g.dtype)                           # (1, h, 1, 1)
     sCbar = (g[..., None] - c).exp() * (s * RC)                           # s Cbar: (b, h, l, d_s)
     sBbar = (c - g[..., None]).exp() * (s * RB)                           # s Bbar: (b, h, l, d_s)
     Qhat = torch.cat([q, sCbar.to(q.dtype)], dim=-1)                       # (b, h, l, d_h + d_s)
@@ -223,7 +228,7 @@ def sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
     if q.device.type == 'meta' or span.max() <= limit:  # one call (meta: no values, same shapes)
         c = ((g[..., 0] + g[..., -1]) / 2)[..., None, None]  # the midpoint: both factors in range
         return sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p)
-    s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]
+    s = channel_scale(lam, q.size(-1), g.dtype)
     sRC, sRB, out, l, i0 = s * RC, s * RB, [], q.size(-2), 0
     while i0 < l:
         # longest chunk whose decay span fits, for every sequence and head
@@ -258,7 +263,7 @@ def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='
     if fused_kernel(kernel, q.device):
         import sisa_kernel  # imports Triton: only where it is used
         g, RC, RB = sisa_kernel.channels(C, B, log_alpha, theta)  # ssm_channels, fused
-        return sisa_kernel.sisa_attention_fused(q, k, v, RC, RB, g, lam, dropout_p)
+        return sisa_kernel.sisa_attention_fused(q, k, v, g, RC, RB, lam, dropout_p)
     return sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p)
 
 
@@ -300,7 +305,7 @@ def paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, bound=1
         import sisa_kernel
         cumsum = sisa_kernel.cumsum
     g, RC, RB = ssm_channels(C, B, log_alpha, theta, cumsum=cumsum)
-    s = q.size(-1) ** 0.25 * lam.to(g.dtype).sqrt()[None, :, None, None]
+    s = channel_scale(lam, q.size(-1), g.dtype)
     gc = (g - (g.amax(-1, keepdim=True) + g.amin(-1, keepdim=True)) / 2).clamp(-bound, bound)[..., None]
     Qhat = torch.cat([q, (gc.exp() * s * RC).to(q.dtype)], dim=-1)
     Khat = torch.cat([k, ((-gc).exp() * s * RB).to(k.dtype)], dim=-1)
@@ -460,7 +465,7 @@ class CausalSelfAttention(nn.Module):
         cache['phi_last'] = phi_i
         cache['g'] = torch.cat([cache['g'], g_i], dim=-1)          # (b, h, n)
         k, v, RB = self.update_cache(cache, k=k, v=v, RB=rotate(B.float(), phi_i))
-        s = self.head_dim ** 0.25 * lam.sqrt()[None, :, None, None]
+        s = channel_scale(lam, self.head_dim, lam.dtype)
         Cbar = s * rotate(C.float(), phi_i)                                    # offset c = g_i
         Bbar = s * (g_i[..., None] - cache['g'][..., None]).exp() * RB          # (b, h, n, d_s)
         Qhat = torch.cat([q, Cbar.to(q.dtype)], dim=-1)

@@ -62,14 +62,14 @@ import triton.language as tl
 from torch.nn import functional as F
 
 
-def sisa_attention_fused(q, k, v, RC, RB, g, lam, dropout_p=0.0):
+def sisa_attention_fused(q, k, v, g, RC, RB, lam, dropout_p=0.0):
     """softmax(q.k / sqrt(d_h) + lambda exp(g_i - g_j) RC_i . RB_j + causal mask) v in one kernel.
 
     Args:
         q, k, v: (b, h, l, d_h), RoPE applied; fp32, bf16 or fp16, on CUDA (or on the CPU
             under TRITON_INTERPRET=1)
-        RC, RB: (b, h, l, d_s), R(Phi) C and R(Phi) B (sisa.ssm_channels)
         g: (b, h, l), the cumulative log decay
+        RC, RB: (b, h, l, d_s), R(Phi) C and R(Phi) B (g, RC, RB: as sisa.ssm_channels returns them)
         lam: (h,), lambda
         dropout_p: attention dropout as SDPA's: each weight of the softmax kept with probability
             1 - dropout_p and then scaled by 1 / (1 - dropout_p), the mask drawn from torch's generator
