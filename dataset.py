@@ -180,6 +180,9 @@ class Loss:
         return x, y, graph, loss, [a.stats for a in self.attns]
 
 
+FP16_WARNING = 2.0 ** 14  # evaluate warns from a quarter of fp16's largest value (65504)
+
+
 @torch.no_grad()
 def evaluate(model, data, cfg, device, ctx, graphs=None):
     """What train.py logs at each evaluation: train and val loss, the task's score (needle, copy probe
@@ -216,8 +219,13 @@ def evaluate(model, data, cfg, device, ctx, graphs=None):
         out['layers'] = [dict(lam=[round(v, 4) for v in last['lam']],
                               half_life=round(float(np.mean(last['half_life'])), 1),
                               span=round(last['span'], 1),
-                              chunked=float(np.mean([b[i]['chunked'] for b in batches])))
+                              chunked=float(np.mean([b[i]['chunked'] for b in batches])),
+                              operand=round(max(b[i]['operand'] for b in batches), 1))
                          for i, last in enumerate(batches[-1])]
+        operand = max(layer['operand'] for layer in out['layers'])
+        fused = attns[0].offset == 'exact' and fused_kernel(attns[0].kernel, device)
+        if fused and attns[0].stats_dtype != torch.float32 and operand > FP16_WARNING:  # past fp16's range a score is inf in the fused kernel, and the loss NaN
+            out['operand_warning'] = operand
     model.train()
     return out
 
@@ -237,6 +245,9 @@ def report(ev, bar):
         msg += ', lambda ' + '/'.join(f"{np.mean(l['lam']):.2f}" for l in ev['layers'])
         msg += ', half-life ' + '/'.join(f"{l['half_life']:.0f}" for l in ev['layers'])
         msg += f", chunked {np.mean([l['chunked'] for l in ev['layers']]):.0%}"
+    if 'operand_warning' in ev:
+        msg += (f"; warning: importance operands up to {ev['operand_warning']:,.0f}, near fp16's 65504, the most "
+                "the fused kernel's score dots hold (--kernel=sdpa has no such limit)")
     bar.write(msg)
 
 

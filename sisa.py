@@ -432,7 +432,7 @@ class CausalSelfAttention(nn.Module):
         else:
             C, B, log_alpha, theta, lam = ssm
             if self.record_stats:
-                self.record(log_alpha, lam, q.dtype)
+                self.record(log_alpha, lam, q.dtype, C, B)
             if cache is None:
                 y = sisa_attention(q, k, v, C, B, log_alpha, theta, lam,
                                    dropout_p=self.dropout if self.training else 0.0, kernel=self.kernel,
@@ -473,21 +473,26 @@ class CausalSelfAttention(nn.Module):
         return sdpa(Qhat, Khat, v, scale=1 / math.sqrt(self.head_dim))
 
     @torch.no_grad()
-    def record(self, log_alpha, lam, dtype):
+    def record(self, log_alpha, lam, dtype, C, B):
         """Keep this forward's diagnostics as one tensor, read by diagnostics(): a read waits for the GPU, so
         evaluate reads every batch's at once at its end (and a CUDA graph can capture this)."""
         span = (-log_alpha[..., 1:]).sum(-1).max()  # nats of decay across the sequence, g_0 - g_last: the most
         half_life = math.log(2) / -log_alpha.mean(dim=(0, 2))
-        self.stats = torch.cat([lam.float(), half_life.float(), span.float()[None]])
+        # the largest entry of lambda sqrt(d_h) R(Phi) C and R(Phi) B, which the fused kernel reads in fp16
+        # beside 16-bit q (sisa_kernel._launch): at most the norm of its pair, which the rotation keeps
+        pairs = lambda x: x.float().unflatten(-1, (-1, 2)).norm(dim=-1).amax(dim=(0, 2, 3))  # (h,)
+        operand = torch.maximum(lam.float() * self.head_dim ** 0.5 * pairs(C), pairs(B)).max()
+        self.stats = torch.cat([lam.float(), half_life.float(), span.float()[None], operand[None]])
         self.stats_dtype = dtype
 
     def diagnostics(self, values=None):
         """record's values (the last recorded, or a list of them) as lambda and the mean decay half-life per
-        head, the largest decay span, and whether the chunked SDPA form needs chunks for it in the forward's dtype."""
+        head, the largest decay span, whether the chunked SDPA form needs chunks for it in the forward's dtype,
+        and the bound on the importance's largest fp16 operand in the fused kernel."""
         values = self.stats.tolist() if values is None else values
-        h = (len(values) - 1) // 2
-        return dict(lam=values[:h], half_life=values[h:2 * h], span=values[-1],
-                    chunked=values[-1] > max_decay_span(self.stats_dtype))
+        h = (len(values) - 2) // 2
+        return dict(lam=values[:h], half_life=values[h:2 * h], span=values[-2],
+                    chunked=values[-2] > max_decay_span(self.stats_dtype), operand=values[-1])
 
 
 class MLP(nn.Module):

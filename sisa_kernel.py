@@ -706,7 +706,8 @@ def _launch(kernel, name, rows, q, RC, scale, dropout_p, *args):
     operands (a relative rounding of 2^-8, fp16's and tf32's is 2^-11) left larger errors in the output
     and in the gradients of lambda, log_alpha and theta, sums that nearly cancel (docs/performance.md).
     fp16's range is the limit: lambda sqrt(d_h) R(Phi)C and R(Phi)B must stay below 65504 (the decays
-    only shrink them), and values below 2^-14, decayed that far, round to steps of 2^-24."""
+    only shrink them; train.py's evaluations warn as they near it), and values below 2^-14, decayed that far,
+    round to steps of 2^-24."""
     b, h, l, d_h = q.shape
     d_s = RC.size(-1)
     meta = launch_config(name, q.device, d_s, l)

@@ -4,6 +4,7 @@ of SISA itself are in test_sisa.py.
 
 Run: python -m pytest -q test_pipeline.py
 """
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -345,7 +347,7 @@ def test_training_lowers_the_loss_and_logs_sisa_diagnostics(workdir):
     history = run_train('--max_iters=40', '--eval_interval=20', '--learning_rate=1e-2')
     assert history[-1]['val_loss'] < history[0]['val_loss'] - 0.5
     layer = history[-1]['layers'][0]
-    assert len(layer['lam']) == 2 and layer['half_life'] > 0 and layer['chunked'] == 0.0
+    assert len(layer['lam']) == 2 and layer['half_life'] > 0 and layer['chunked'] == 0.0 and layer['operand'] > 0
     assert 0.0 <= history[-1]['needle_acc'] <= 1.0
 
 
@@ -499,6 +501,27 @@ def test_an_evaluation_from_cuda_graphs_is_the_eager_one(attention):
     assert sorted(shape[1] for shape in loss_of.graphs) == [64, 128, 256]
     eager, graphed = (ds.evaluate(model, data, cfg, cuda, ctx, graphs=g) for g in (False, True))
     assert numbers(graphed) == pytest.approx(numbers(eager), rel=1e-3, abs=1e-4)
+
+
+def test_an_evaluation_warns_where_the_importance_nears_fp16s_range_in_the_fused_kernel(monkeypatch):
+    cpu = torch.device('cpu')
+    cfg = recall_flags('--eval_iters=1', '--eval_needles=0')
+    data = tr.load_data(cfg)
+    torch.manual_seed(0)
+    model = GPT(tr.model_config(cfg, data.meta['vocab_size']))
+    with torch.no_grad():
+        for block in model.transformer.h:  # B's rows of the SSM projection: entries of R(Phi) B in the 10^5s
+            block.attn.c_ssm.weight[:block.attn.n_head * block.attn.d_state].mul_(1e6)
+    bf16 = torch.autocast('cpu', dtype=torch.bfloat16)
+    evaluation = lambda ctx: ds.evaluate(model, data, cfg, cpu, ctx, graphs=False)
+    assert 'operand_warning' not in evaluation(bf16)  # the SDPA form, as on the CPU: no fp16 in it
+    monkeypatch.setattr(ds, 'fused_kernel', lambda kernel, device: True)  # as on a GPU
+    assert 'operand_warning' not in evaluation(contextlib.nullcontext())  # fp32: the kernel's dots stay fp32
+    ev = evaluation(bf16)
+    assert ev['operand_warning'] == max(layer['operand'] for layer in ev['layers']) > 65504
+    lines = []
+    ds.report(dict(ev, iter=0), types.SimpleNamespace(write=lines.append))
+    assert "near fp16's 65504" in lines[0] and '--kernel=sdpa' in lines[0]
 
 
 def test_compile_mode_auto_takes_cuda_graphs_only_where_they_are_known_to_work(monkeypatch):

@@ -23,7 +23,7 @@ if not CUDA:
     os.environ.setdefault('TRITON_INTERPRET', '1')  # must be set before Triton compiles the kernel
 
 from sisa import (GPT, GPTConfig, HAS_TRITON, fused_kernel, importance, importance_naive, max_decay_span,
-                  rotate, sisa_attention)
+                  rotate, sisa_attention, ssm_channels)
 
 MPS = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
 DEVICES = ['cpu'] + ['cuda'] * CUDA + ['mps'] * MPS
@@ -282,16 +282,31 @@ def test_model_stays_causal_when_a_head_forgets_fast():
 def test_the_recorded_diagnostics_are_lambda_the_half_lives_and_the_largest_decay_span():
     attn = fast_forgetting_model().transformer.h[0].attn
     log_alpha = -torch.tensor([[[0.1, 0.2, 0.3], [1.0, 2.0, 3.0]]])  # (b, h, l): spans g_0 - g_2 of 0.5 and 5 nats
-    attn.record(log_alpha, torch.tensor([0.5, 2.0]), torch.float32)
+    lam = torch.tensor([0.5, 2.0])
+    C, B = torch.zeros(2, 1, 2, 3, 4)  # (b, h, l, d_s)
+    C[0, 1, 2, :2] = torch.tensor([3.0, -4.0])  # a pair of norm 5 in head 1, whose lambda is 2
+    B[0, 0, 1, 2:] = torch.tensor([6.0, 8.0])   # a pair of norm 10 in head 0
+    attn.record(log_alpha, lam, torch.float32, C, B)
     stats = attn.diagnostics()
     assert stats['lam'] == [0.5, 2.0]
     assert stats['half_life'] == pytest.approx([math.log(2) / 0.2, math.log(2) / 2.0])
     assert stats['span'] == pytest.approx(5.0) and not stats['chunked']
+    assert stats['operand'] == pytest.approx(max(10.0, 2.0 * attn.head_dim ** 0.5 * 5.0))
     assert attn.diagnostics(attn.stats.tolist()) == stats  # read later from the values
-    attn.record(log_alpha, torch.tensor([0.5, 2.0]), torch.float16)  # fp16 holds about 4 nats
+    attn.record(log_alpha, lam, torch.float16, C, B)  # fp16 holds about 4 nats
     assert attn.diagnostics()['chunked']
-    attn.record(log_alpha * 20, torch.tensor([0.5, 2.0]), torch.float32)
+    attn.record(log_alpha * 20, lam, torch.float32, C, B)
     assert attn.diagnostics()['span'] == pytest.approx(100.0) and attn.diagnostics()['chunked']
+    # the operand bounds the entries the fused kernel reads, lambda sqrt(d_h) R(Phi) C and R(Phi) B, at any
+    # rotation, and is at most sqrt(2) times the largest (a pair's norm and its larger entry)
+    gen = torch.Generator().manual_seed(0)
+    C, B = torch.randn(2, 3, 2, 50, 4, generator=gen)
+    theta = 10 * torch.randn(3, 2, 50, 2, generator=gen)
+    log_alpha = -torch.rand(3, 2, 50, generator=gen)
+    _, RC, RB = ssm_channels(C, B, log_alpha, theta)
+    largest = max((lam[:, None, None] * attn.head_dim ** 0.5 * RC).abs().max(), RB.abs().max()).item()
+    attn.record(log_alpha, lam, torch.float32, C, B)
+    assert largest <= attn.diagnostics()['operand'] * (1 + 1e-6) <= largest * 2 ** 0.5 * (1 + 1e-6)
 
 
 def test_the_papers_clamped_offset_lets_the_last_token_reach_earlier_logits():
@@ -704,7 +719,6 @@ def test_the_kernel_paths_cumsum_is_torch_cumsum_either_way_along_any_axis(devic
 @pytest.mark.parametrize("d_s", [16, 6])
 def test_the_kernel_paths_channels_are_ssm_channels_with_the_same_gradients(device, d_s):
     import sisa_kernel
-    from sisa import ssm_channels
     if device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
         pytest.skip('the fused channels run on CUDA, or on the CPU under TRITON_INTERPRET=1')
     # views of one projection, as the model makes them; 50 steps cross the kernels' chunks and carry loads
