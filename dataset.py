@@ -224,8 +224,8 @@ def evaluate(model, data, cfg, device, ctx, graphs=None):
                          for i, last in enumerate(batches[-1])]
         operand = max(layer['operand'] for layer in out['layers'])
         fused = attns[0].offset == 'exact' and fused_kernel(attns[0].kernel, device)
-        if fused and attns[0].stats_dtype != torch.float32 and operand > FP16_WARNING:  # past fp16's range a score is inf in the fused kernel, and the loss NaN
-            out['operand_warning'] = operand
+        if fused and attns[0].stats_dtype != torch.float32 and operand > FP16_WARNING:
+            out['operand_warning'] = operand  # past fp16's range a score is inf in the fused kernel, the loss NaN
     model.train()
     return out
 
