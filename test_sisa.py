@@ -279,7 +279,7 @@ def test_model_stays_causal_when_a_head_forgets_fast():
     torch.testing.assert_close(logits[:, :-1], logits2[:, :-1], rtol=1e-5, atol=1e-5)
 
 
-def test_the_recorded_diagnostics_are_lambda_the_half_lives_and_the_largest_decay_span():
+def test_the_recorded_diagnostics_are_lambda_the_half_lives_the_largest_decay_span_and_the_fp16_operand():
     attn = fast_forgetting_model().transformer.h[0].attn
     log_alpha = -torch.tensor([[[0.1, 0.2, 0.3], [1.0, 2.0, 3.0]]])  # (b, h, l): spans g_0 - g_2 of 0.5 and 5 nats
     lam = torch.tensor([0.5, 2.0])
