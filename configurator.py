@@ -84,6 +84,8 @@ def parse_flags(cls, argv, doc):
 def convert(name, value, kind):
     """A flag's text (or a config file's value) as the field's type, or exit with a message."""
     if not isinstance(value, str):
+        if kind is str and isinstance(value, bool):  # compile = False, as nanoGPT's config files write it
+            return str(value)
         if isinstance(value, kind) or (kind is float and isinstance(value, int)):
             return kind(value)
         sys.exit(f'error: {name} expects {"an" if kind is int else "a"} {kind.__name__}, got {value!r}')

@@ -107,6 +107,10 @@ def sample(cfg):
                                          'fresh examples')
         show_recall(model, ckpt['meta'], cfg.num_samples, cfg.seed, device, autocast(device, dtype))
     elif not cfg.start and 'n_digits' in ckpt['meta']:  # a needle model
+        unused = [f'--{name}' for name in ('max_new_tokens', 'temperature', 'top_k') if name in cfg.given]
+        if unused:
+            print(f"note: a needle model answers its questions greedily, as many tokens as each answer; "
+                  f"{', '.join(unused)} apply with --start")
         ask_needles(model, ckpt['meta'], cfg, device, autocast(device, dtype))
     else:
         sample_text(model, ckpt['meta'], cfg, device, autocast(device, dtype))

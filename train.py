@@ -67,7 +67,7 @@ class TrainConfig:
     # optimizer: AdamW, linear warmup then cosine decay
     learning_rate: float = opt(3e-3, 'peak learning rate')
     max_iters: int = opt(5000, 'optimizer steps')
-    weight_decay: float = opt(0.0, 'on 2-D weights only (0 here: in tiny needle runs decay delayed retrieval)')
+    weight_decay: float = opt(0.0, 'on matrices and kernels, not norms (0 here: in tiny needle runs decay delayed retrieval)')
     beta1: float = opt(0.9, 'AdamW beta1')
     beta2: float = opt(0.95, 'AdamW beta2')
     grad_clip: float = opt(1.0, 'clip the gradient norm at this value (0: off)')
@@ -136,14 +136,22 @@ def compile_mode(cfg, device):
     return 'reduce-overhead' if graphs else 'default'
 
 
+CHECKPOINT_KEYS = {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config', 'meta'}
+
+
 def load_checkpoint(path):
     if not os.path.exists(path):
         raise prepare_data.DataError(f'no checkpoint at {path}; train one first with python train.py')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise prepare_data.DataError(f'{path} is not a checkpoint that train.py wrote, or it was cut short '
                                      f'({type(e).__name__})')
+    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+    if missing:  # nanoGPT's checkpoints, say, have no data meta and other model settings
+        raise prepare_data.DataError(f"{path} is not a checkpoint that train.py wrote "
+                                     f"(no {', '.join(sorted(missing))})")
+    return ckpt
 
 
 def clean_state_dict(state):
@@ -153,8 +161,12 @@ def clean_state_dict(state):
 
 def load_model(ckpt, kernel='auto'):
     """The model a checkpoint holds, on the CPU, for kernel (where it runs now, not where it trained)."""
-    model = GPT(GPTConfig(**{**ckpt['model_args'], 'kernel': kernel}))
-    model.load_state_dict(clean_state_dict(ckpt['model']))
+    try:
+        model = GPT(GPTConfig(**{**ckpt['model_args'], 'kernel': kernel}))
+        model.load_state_dict(clean_state_dict(ckpt['model']))
+    except (TypeError, RuntimeError) as e:  # settings or weights of another model
+        why = ' '.join(str(e).split())[:300]
+        raise prepare_data.DataError(f"the checkpoint's model does not load into sisa.py's GPT: {why}")
     return model
 
 
