@@ -694,6 +694,14 @@ def test_a_bare_boolean_flag_means_true_and_dtype_names_have_their_aliases():
     assert parse_flags(tr.TrainConfig, ['--dtype=fp16'], '').dtype == 'float16'
 
 
+def test_a_config_file_may_say_compile_false_as_nanogpts_do(tmp_path):
+    path = tmp_path / 'nanogpt_style.py'
+    path.write_text('compile = False\nbatch_size = 12\n')
+    cfg = parse_flags(tr.TrainConfig, [str(path)], '')
+    assert cfg.batch_size == 12 and not tr.use_compile(cfg, torch.device('cuda'))
+    assert tr.use_compile(parse_flags(tr.TrainConfig, ['--compile=True'], ''), torch.device('cpu'))
+
+
 def test_help_describes_every_flag_in_aligned_columns(capsys):
     for fn, cls in ((tr.main, tr.TrainConfig), (sp.main, sp.SampleConfig), (pd.main, pd.PrepareConfig),
                     (cp.main, cp.CompareConfig), (bench.main, bench.BenchConfig)):
@@ -736,6 +744,24 @@ def test_an_out_dir_that_cannot_be_written_stops_before_training(workdir):
     os.replace('broken.pt', 'junk/ckpt.pt')
     got = exit_message(tr.main, TINY + ['--init_from=resume', '--out_dir=junk'])
     assert 'is not a checkpoint' in got and 'weights_only' not in got
+
+
+def test_a_checkpoint_of_another_model_gets_a_message_not_a_traceback(workdir):
+    run_train('--max_iters=2', '--eval_interval=2')
+    ckpt = tr.load_checkpoint('out/ckpt.pt')
+    for out_dir, change in (('nano', dict(meta=None)),  # nanoGPT's keys: no data meta
+                            ('kv', dict(model_args={**ckpt['model_args'], 'n_kv_head': 2})),
+                            ('renamed', dict(model={k + '_': v for k, v in ckpt['model'].items()}))):
+        os.makedirs(out_dir)
+        torch.save({k: v for k, v in {**ckpt, **change}.items() if v is not None}, f'{out_dir}/ckpt.pt')
+    got = exit_message(sp.main, ['--out_dir=nano'])
+    assert got == 'error: nano/ckpt.pt is not a checkpoint that train.py wrote (no meta)'
+    got = exit_message(sp.main, ['--out_dir=kv'])
+    assert got.startswith("error: the checkpoint's model does not load into sisa.py's GPT") and "'n_kv_head'" in got
+    got = exit_message(sp.main, ['--out_dir=renamed'])
+    assert got.startswith("error: the checkpoint's model does not load into sisa.py's GPT") and 'Missing key' in got
+    got = exit_message(tr.main, TINY + ['--init_from=resume', '--out_dir=renamed', '--max_iters=4'])
+    assert got.startswith("error: the checkpoint's model does not load into sisa.py's GPT")
 
 
 def test_eval_needles_zero_trains_without_needle_evaluation(workdir):
@@ -806,6 +832,11 @@ def test_sample_asks_a_needle_model_held_out_questions_and_marks_each_answer(wor
         answer = line.split('what is it? ')[1][:2]
         assert line.endswith('   right') == (answer == number)
         assert line.endswith('   right') or line.endswith(f'wrong: the number is {number}')
+    assert not any(l.startswith('note:') for l in lines)
+    sp.main(['--num_samples=1', '--temperature=1.5', '--max_new_tokens=9'])  # a needle's answer is greedy
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('note: ') and lines[0].endswith('--max_new_tokens, --temperature apply with --start')
+    assert lines[-1] in ('--------------- 0/1 right', '--------------- 1/1 right')
 
 
 def test_sample_starts_a_text_model_at_a_newline_and_keeps_what_it_printed_on_ctrl_c(workdir, monkeypatch, capsys):
