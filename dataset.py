@@ -73,7 +73,8 @@ class Data:
         """Batch `step` of `split`: the same for every run with this seed, whatever the model, and
         again after a resume, because it is drawn from a generator seeded by (seed, stream, step, rank).
         train.py gives every process rank 0 and splits the one stream by step (see train).
-        Evaluation draws from stream 1, so it never sees the training batches' windows by design."""
+        Evaluation draws from stream 1: its batches are the same at every evaluation and another draw than
+        training's (on the train split they overlap training's windows, as any estimate of the train loss does)."""
         rng = np.random.default_rng([self.seed, stream, step, rank, split == 'val'])
         data = self.memmap(split)
         if split in self.starts:

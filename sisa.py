@@ -13,7 +13,8 @@ model (Mamba-3's complex SSM written as rotations), to every attention score:
 so Cbar_i . Bbar_j = exp(g_i - g_j) (R(Phi_i) C_i) . (R(Phi_j) B_j): key j's state
 has decayed by alpha and turned back by theta at every step since j. Appending the
 SSM channels to the query and key makes the whole score one stock
-scaled_dot_product_attention call, with no recurrent state and no custom kernel.
+scaled_dot_product_attention call, with no recurrent state and no custom kernel
+(while a head's decay fits the dtype; past that, one call per chunk of queries).
 
 Read top to bottom: rotations; the SSM's inputs (C, B, log alpha, theta from x);
 the naive scan (the ground truth) and the vectorized importance; SISA attention as
@@ -173,8 +174,8 @@ def importance(C, B, log_alpha, theta, lam):
     gc = (g - c).clamp(-bound, bound)
     Cbar = gc.exp()[..., None] * RC
     Bbar = (-gc).exp()[..., None] * RB
-    A = lam.to(g.dtype)[None, :, None, None] * (Cbar @ Bbar.transpose(-2, -1))
-    return A.tril().to(C.dtype)
+    imp = lam.to(g.dtype)[None, :, None, None] * (Cbar @ Bbar.transpose(-2, -1))
+    return imp.tril().to(C.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -459,7 +460,6 @@ class CausalSelfAttention(nn.Module):
             self.update_cache(cache, k=k, v=v, RB=RB)
             cache['g'], cache['phi_last'] = g, theta.float().sum(dim=2, keepdim=True)
             return y
-        assert q.size(2) == 1, "cached decoding takes one token at a time"
         g_i = cache['g'][..., -1:] + log_alpha                   # (b, h, 1)
         phi_i = cache['phi_last'] + theta.float()                 # (b, h, 1, d_s/2)
         cache['phi_last'] = phi_i
@@ -476,7 +476,7 @@ class CausalSelfAttention(nn.Module):
     def record(self, log_alpha, lam, dtype, C, B):
         """Keep this forward's diagnostics as one tensor, read by diagnostics(): a read waits for the GPU, so
         evaluate reads every batch's at once at its end (and a CUDA graph can capture this)."""
-        span = (-log_alpha[..., 1:]).sum(-1).max()  # nats of decay across the sequence, g_0 - g_last: the most
+        span = (-log_alpha[..., 1:]).sum(-1).max()  # nats of decay across the sequence, g_0 - g_last: the largest of any head
         half_life = math.log(2) / -log_alpha.mean(dim=(0, 2))
         # the largest entry of lambda sqrt(d_h) R(Phi) C and R(Phi) B, which the fused kernel reads in fp16
         # beside 16-bit q (sisa_kernel._launch): at most the norm of its pair, which the rotation keeps
@@ -544,10 +544,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
-        h = self.ln_1(x)
+        x_norm = self.ln_1(x)
         if self.conv is not None:
-            h = self.conv(h, cache)
-        x = x + self.attn(h, cache)
+            x_norm = self.conv(x_norm, cache)
+        x = x + self.attn(x_norm, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -592,6 +592,8 @@ class GPT(nn.Module):
         """
         b, l = idx.size()
         start = cache[0].get('len', 0) if cache else 0
+        if start and l > 1:  # a new token's attention to the cache has no causal mask within its own input
+            raise ValueError("after the prompt, cached decoding takes one token at a time")
         if start + l > self.config.block_size:
             raise ValueError(f"input length {start + l} exceeds block_size {self.config.block_size}")
         x = self.transformer.drop(self.transformer.wte(idx))  # (b, l, d)
@@ -644,7 +646,8 @@ class GPT(nn.Module):
         return idx
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on 2-D weights only (not norms, b_a or lambda_raw)."""
+        """AdamW with weight decay on weights of 2 or more dimensions (the matrices, ShortConv's kernels), not
+        on norms, b_a or lambda_raw."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
