@@ -65,7 +65,11 @@ def parse_flags(cls, argv, doc):
     values = {}
     for arg in argv:
         if arg in ('-h', '--help'):
-            print_help(cls, doc)
+            try:
+                print_help(cls, doc)
+                sys.stdout.flush()
+            except BrokenPipeError:  # --help | head: the reader stopped; say nothing more at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
         for name, value in read_pairs(arg, fields):
             if name not in fields:

@@ -104,7 +104,12 @@ def plot_curves(out_dirs, path):
         axes[0, 0].plot(steps, [h['train_loss'] for h in log], '--', color=line.get_color(), label=f'{d} train')
         for name in scores(log[-1]) if scored else ():
             axes[0, 1].plot(steps, [scores(h).get(name, float('nan')) for h in log], label=f'{d} {name}')
-    axes[0, 0].set(xlabel='step', ylabel='loss (nats per token)', title='loss')
+    # a log scale: a task's plateau and the drop after it lie far below the first loss
+    losses = [h[key] for log in logs.values() for h in log for key in ('train_loss', 'val_loss')]
+    ticks = [t for t in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10) if min(losses) / 1.2 <= t <= max(losses) * 1.2]
+    axes[0, 0].set(xlabel='step', ylabel='loss (nats per token)', title='loss', yscale='log')
+    axes[0, 0].set_yticks(ticks, [f'{t:g}' for t in ticks])
+    axes[0, 0].minorticks_off()
     if scored:
         axes[0, 1].set(xlabel='step', ylabel='right (%)', title='held-out accuracy', ylim=(-2, 102))
     for ax in axes[0]:

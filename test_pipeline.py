@@ -410,7 +410,9 @@ def test_bad_inputs_get_clear_messages(workdir, monkeypatch):
         return str(e.value.code)
     assert 'unknown flag --batchsize (did you mean --batch_size?)' in exits(tr.main, ['--batchsize=3'])
     assert '--max_iters expects an int' in exits(tr.main, ['--max_iters=many'])
-    assert 'python prepare_data.py --dataset=shakespeare_char' in exits(tr.main, ['--dataset=shakespeare_char'])
+    assert 'python prepare_data.py --dataset=shakespeare_char' in exits(tr.main, ['--dataset=shakespeare_char',
+                                                                              '--out_dir=out-nodata'])
+    assert not os.path.exists('out-nodata')  # a run that cannot start leaves no folder behind
     assert 'too few for block_size' in exits(tr.main, TINY + ['--block_size=100000'])
     assert 'd_state' in exits(tr.main, TINY + ['--d_state=3'])
     assert 'no checkpoint' in exits(tr.main, TINY + ['--init_from=resume', '--out_dir=nothing'])

@@ -314,8 +314,8 @@ def train(cfg, quiet=False):
         return []
     if cfg.attention == 'sisa':
         fused_kernel(cfg.kernel, device)  # --kernel=triton where it cannot run: say so before building
+    data = load_data(cfg, rank)  # a missing dataset stops the run before it makes out_dir
     check_out_dir(cfg.out_dir, rank)
-    data = load_data(cfg, rank)
     dtype = pick_dtype(cfg.dtype, device)
     ctx = autocast(device, dtype)
 
