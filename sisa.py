@@ -476,7 +476,7 @@ class CausalSelfAttention(nn.Module):
     def record(self, log_alpha, lam, dtype, C, B):
         """Keep this forward's diagnostics as one tensor, read by diagnostics(): a read waits for the GPU, so
         evaluate reads every batch's at once at its end (and a CUDA graph can capture this)."""
-        span = (-log_alpha[..., 1:]).sum(-1).max()  # nats of decay across the sequence, g_0 - g_last: the largest of any head
+        span = (-log_alpha[..., 1:]).sum(-1).max()  # nats of decay across the sequence (g_0 - g_last), any head's most
         half_life = math.log(2) / -log_alpha.mean(dim=(0, 2))
         # the largest entry of lambda sqrt(d_h) R(Phi) C and R(Phi) B, which the fused kernel reads in fp16
         # beside 16-bit q (sisa_kernel._launch): at most the norm of its pair, which the rotation keeps

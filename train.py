@@ -67,7 +67,7 @@ class TrainConfig:
     # optimizer: AdamW, linear warmup then cosine decay
     learning_rate: float = opt(3e-3, 'peak learning rate')
     max_iters: int = opt(5000, 'optimizer steps')
-    weight_decay: float = opt(0.0, 'on matrices and kernels, not norms (0 here: in tiny needle runs decay delayed retrieval)')
+    weight_decay: float = opt(0.0, 'on weights of 2+ dims (0 here: in tiny needle runs decay delayed retrieval)')
     beta1: float = opt(0.9, 'AdamW beta1')
     beta2: float = opt(0.95, 'AdamW beta2')
     grad_clip: float = opt(1.0, 'clip the gradient norm at this value (0: off)')
@@ -136,7 +136,7 @@ def compile_mode(cfg, device):
     return 'reduce-overhead' if graphs else 'default'
 
 
-CHECKPOINT_KEYS = {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config', 'meta'}
+CHECKPOINT_KEYS = {'model', 'model_args', 'meta'}  # what every reader of a checkpoint takes from it
 
 
 def load_checkpoint(path):
