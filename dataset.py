@@ -192,7 +192,7 @@ def evaluate(model, data, cfg, device, ctx, graphs=None):
     model.eval()
     attns = [block.attn for block in model.transformer.h]
     if graphs is None:  # where training takes them (train.compile_mode): the chunked SDPA form syncs on its chunks
-        graphs = device.type == 'cuda' and all(not a.sisa or a.offset == 'exact' and fused_kernel(a.kernel, device)
+        graphs = device.type == 'cuda' and all(not a.sisa or a.sisa_offset == 'exact' and fused_kernel(a.kernel, device)
                                                for a in attns)
     loss_of = Loss(model, ctx, graphs)
     for a in attns:
@@ -224,7 +224,7 @@ def evaluate(model, data, cfg, device, ctx, graphs=None):
                               operand=round(max(b[i]['operand'] for b in batches), 1))
                          for i, last in enumerate(batches[-1])]
         operand = max(layer['operand'] for layer in out['layers'])
-        fused = attns[0].offset == 'exact' and fused_kernel(attns[0].kernel, device)
+        fused = attns[0].sisa_offset == 'exact' and fused_kernel(attns[0].kernel, device)
         if fused and attns[0].stats_dtype != torch.float32 and operand > FP16_WARNING:
             out['operand_warning'] = operand  # past fp16's range a score is inf in the fused kernel, the loss NaN
     model.train()

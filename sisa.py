@@ -247,7 +247,7 @@ def sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
     return torch.cat(out, dim=-2)
 
 
-def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='auto', offset='exact'):
+def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='auto', sisa_offset='exact'):
     """SISA attention, exact at any decay: the fused kernel where it runs, else the chunked SDPA form.
 
     Args:
@@ -255,11 +255,11 @@ def sisa_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, kernel='
         C, B, log_alpha, theta, lam: as importance_naive
         dropout_p: attention dropout, as SDPA's: each weight of the softmax kept with probability 1 - p
         kernel: 'auto', 'triton' or 'sdpa' (see fused_kernel)
-        offset: 'exact', or 'paper' for the ablation of the paper's recipe (paper_attention)
+        sisa_offset: 'exact', or 'paper' for the ablation of the paper's recipe (paper_attention)
     Returns:
         (b, h, l, d_h)
     """
-    if offset == 'paper':
+    if sisa_offset == 'paper':
         return paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p)
     if fused_kernel(kernel, q.device):
         import sisa_kernel  # imports Triton: only where it is used
@@ -382,7 +382,7 @@ class CausalSelfAttention(nn.Module):
         self.sisa = config.attention == 'sisa'
         self.dropout = config.dropout
         self.kernel = config.kernel
-        self.offset = config.sisa_offset
+        self.sisa_offset = config.sisa_offset
         # one projection for q, k, v and one for SISA's B, C, a, theta (ssm_inputs): two matmuls, not seven.
         # Not one for all: inductor would evaluate the rotation's backward for q, k and v too (docs/performance.md)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -437,7 +437,7 @@ class CausalSelfAttention(nn.Module):
             if cache is None:
                 y = sisa_attention(q, k, v, C, B, log_alpha, theta, lam,
                                    dropout_p=self.dropout if self.training else 0.0, kernel=self.kernel,
-                                   offset=self.offset)
+                                   sisa_offset=self.sisa_offset)
             else:
                 y = self.cached_sisa(cache, q, k, v, C, B, log_alpha, theta, lam)
         y = y.transpose(1, 2).contiguous().view(b, l, d)

@@ -325,7 +325,7 @@ def test_the_papers_recipe_is_exact_within_22_nats_and_not_beyond():
     cpu = torch.device('cpu')
     for span in (20.0, 100.0):
         x = spanned_inputs(2, 3, 64, 16, 8, span, cpu)
-        exact, paper = sisa_attention(*x), sisa_attention(*x, offset='paper')
+        exact, paper = sisa_attention(*x), sisa_attention(*x, sisa_offset='paper')
         error = (paper - exact).abs().max().item()
         assert error < 1e-10 if span < 22 else error > 1e-2, span
 
