@@ -27,7 +27,7 @@ import prepare_data
 from configurator import autocast, check_values, estimate_mfu, opt, parse_flags, pick_device, pick_dtype
 from dataset import Data
 from sisa import GPT
-from train import TrainConfig, compile_mode, model_config, use_compile
+from train import TrainConfig, model_config, pick_compile_mode, use_compile
 
 
 # the shapes people train: flags a --shape sets, unless given too
@@ -76,7 +76,7 @@ def time_steps(cfg, vocab):
         for block in model.transformer.h:  # w_a = 0 at init: every token decays by softplus(b_a)
             block.attn.a_bias.data.fill_(math.log(math.expm1(math.log(2) / cfg.half_life)))
     optimizer = model.configure_optimizers(cfg.weight_decay, 0.0, (cfg.beta1, cfg.beta2), device.type)
-    mode = compile_mode(cfg, device)
+    mode = pick_compile_mode(cfg, device)
     run = torch.compile(model, mode=mode) if use_compile(cfg, device) else model
     if world > 1:
         run = DDP(run, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -163,10 +163,11 @@ def benchmark(cfg):
     vocab = cfg.vocab_size or Data(cfg).meta['vocab_size']
     half_life = f'half-life {cfg.half_life:g} tokens' if cfg.half_life else 'decays at init'
     if int(os.environ.get('RANK', 0)) == 0:
-        print(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}), torch {torch.__version__}, '
-              f'{pick_dtype(cfg.dtype, device)}, {"compiled, " + compile_mode(cfg, device) if use_compile(cfg, device) else "eager"}, batch {cfg.batch_size} x '
-              f'{cfg.block_size}, {cfg.n_layer} x {cfg.n_embd}, d_state {cfg.d_state}, vocab {vocab}, SISA kernel '
-              f'{cfg.kernel}, dropout {cfg.dropout:g}, {half_life}')
+        name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+        how = 'compiled, ' + pick_compile_mode(cfg, device) if use_compile(cfg, device) else 'eager'
+        print(f'{device} ({name}), torch {torch.__version__}, {pick_dtype(cfg.dtype, device)}, {how}, '
+              f'batch {cfg.batch_size} x {cfg.block_size}, {cfg.n_layer} x {cfg.n_embd}, d_state {cfg.d_state}, '
+              f'vocab {vocab}, SISA kernel {cfg.kernel}, dropout {cfg.dropout:g}, {half_life}')
     if 'RANK' in os.environ:  # torchrun: the one model of --attention, data-parallel, timed in these processes
         r = time_steps(cfg, vocab)
         if r['rank'] == 0:

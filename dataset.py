@@ -191,7 +191,7 @@ def evaluate(model, data, cfg, device, ctx, graphs=None):
     default on CUDA, for the Transformer and SISA's fused kernel."""
     model.eval()
     attns = [block.attn for block in model.transformer.h]
-    if graphs is None:  # where training takes them (train.compile_mode): the chunked SDPA form syncs on its chunks
+    if graphs is None:  # where training takes them (train.pick_compile_mode): the chunked SDPA form syncs on its chunks
         graphs = device.type == 'cuda' and all(not a.sisa or a.sisa_offset == 'exact' and fused_kernel(a.kernel, device)
                                                for a in attns)
     loss_of = Loss(model, ctx, graphs)

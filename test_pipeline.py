@@ -530,7 +530,7 @@ def test_compile_mode_auto_takes_cuda_graphs_only_where_they_are_known_to_work(m
     monkeypatch.setattr(tr, 'fused_kernel', lambda kernel, where: kernel != 'sdpa')  # as on a GPU with Triton
     monkeypatch.delenv('RANK', raising=False)
     cuda, cpu = torch.device('cuda'), torch.device('cpu')
-    mode = lambda where, *flags: tr.compile_mode(parse_flags(tr.TrainConfig, list(flags), ''), where)
+    mode = lambda where, *flags: tr.pick_compile_mode(parse_flags(tr.TrainConfig, list(flags), ''), where)
     assert mode(cuda) == mode(cuda, '--attention=softmax') == 'reduce-overhead'
     assert mode(cuda, '--kernel=sdpa', '--attention=softmax') == 'reduce-overhead'
     assert mode(cuda, '--sisa_offset=paper') == 'default'  # not run under CUDA graphs yet
@@ -548,7 +548,7 @@ def test_training_under_cuda_graphs_follows_the_default_compile_step_by_step(wor
     flags = ['--device=cuda', f'--attention={attention}', '--block_size=256', '--max_iters=30', '--eval_interval=10',
              '--eval_iters=4', '--learning_rate=1e-2']
     runs = {m: run_train(*flags, f'--compile_mode={m}', f'--out_dir={m}') for m in ('auto', 'default')}
-    auto = tr.compile_mode(parse_flags(tr.TrainConfig, TINY + flags, ''), torch.device('cuda'))
+    auto = tr.pick_compile_mode(parse_flags(tr.TrainConfig, TINY + flags, ''), torch.device('cuda'))
     assert auto == 'reduce-overhead'
     losses = {m: [h['val_loss'] for h in history] for m, history in runs.items()}
     assert losses['auto'][-1] < losses['auto'][0] - 0.5  # it learned

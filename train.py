@@ -77,7 +77,7 @@ class TrainConfig:
     device: str = opt('auto', "'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: str = opt('auto', "'auto' (bf16 on CUDA, fp16 where bf16 is unsupported, else fp32), 'float32', 'bfloat16', 'float16'")
     compile: str = opt('auto', "torch.compile: 'auto' (on CUDA), True or False")
-    compile_mode: str = opt('auto', "torch.compile's mode: 'auto' (CUDA graphs where they are safe: see compile_mode), "
+    compile_mode: str = opt('auto', "torch.compile's mode: 'auto' (CUDA graphs where they are safe: see pick_compile_mode), "
                                     "'default', 'reduce-overhead' (CUDA graphs) or 'max-autotune'")
     seed: int = opt(1337, 'one seed for init and data order, so runs differ only in what you change')
     sample_tokens: int = opt(120, 'tokens to sample at the end (0: none)')
@@ -122,7 +122,7 @@ def use_compile(cfg, device):
     return device.type == 'cuda' if cfg.compile == 'auto' else convert('compile', cfg.compile, bool)
 
 
-def compile_mode(cfg, device):
+def pick_compile_mode(cfg, device):
     """torch.compile's mode. 'auto' takes CUDA graphs ('reduce-overhead': each step's kernel launches
     replayed without Python, which bounds a tiny model's step) where they are known to work: on CUDA,
     in one process (DDP under them is untested), without gradient accumulation (torch loses
@@ -324,10 +324,10 @@ def train(cfg, quiet=False):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')  # fp16 needs loss scaling; bf16 does not
     model = raw_model
     if use_compile(cfg, device):
-        model = compiled_or_eager(raw_model, data.batch('train', 0, device), ctx, compile_mode(cfg, device))
+        model = compiled_or_eager(raw_model, data.batch('train', 0, device), ctx, pick_compile_mode(cfg, device))
     if master:
         warm_up_evaluation(raw_model, data.batch('val', 0, device, stream=1), ctx)
-    how = 'eager' if model is raw_model else f'compiled ({compile_mode(cfg, device)})'
+    how = 'eager' if model is raw_model else f'compiled ({pick_compile_mode(cfg, device)})'
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
