@@ -113,6 +113,17 @@ def test_importance_is_zero_above_the_diagonal_and_lambda_C_B_on_it():
     torch.testing.assert_close(imp.diagonal(dim1=-2, dim2=-1), diag, rtol=1e-10, atol=1e-12)
 
 
+def test_importance_is_exact_while_the_decay_fits_the_dtype_and_clamps_beyond():
+    # the midpoint offset lets one product hold max_decay_span; a one-sided offset would hold half
+    cpu, limit = torch.device('cpu'), max_decay_span(torch.float32)
+    for span in (0.9 * limit, 1.2 * limit):
+        C, B, log_alpha, theta, lam = spanned_inputs(2, 3, 64, 8, 8, span, cpu)[3:]
+        ref = reference_importance(C, B, log_alpha, theta, lam)
+        fp32 = importance(*(t.float() for t in (C, B, log_alpha, theta, lam))).double()
+        error = ((fp32 - ref).abs() / (ref.abs() + 1)).max().item()
+        assert error < 1e-5 if span < limit else error > 1, (span, error)
+
+
 def test_one_sdpa_call_holds_about_82_nats_of_decay_in_fp32_and_bf16_and_4_in_fp16():
     # exp(g_i - c) and exp(c - g_j) must stay below the dtype's largest value (max_decay_span)
     assert 3 < max_decay_span(torch.float16) < 5
@@ -323,7 +334,7 @@ def test_the_papers_clamped_offset_lets_the_last_token_reach_earlier_logits():
 
 def test_the_papers_recipe_is_exact_within_22_nats_and_not_beyond():
     cpu = torch.device('cpu')
-    for span in (20.0, 100.0):
+    for span in (20.0, 25.0, 100.0):  # 25: just past what a clamp at +-11 holds
         x = spanned_inputs(2, 3, 64, 16, 8, span, cpu)
         exact, paper = sisa_attention(*x), sisa_attention(*x, sisa_offset='paper')
         error = (paper - exact).abs().max().item()
