@@ -427,6 +427,20 @@ def test_generate_returns_the_requested_tokens_and_is_reproducible():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_sampling_draws_from_the_softmax_of_the_logits_over_temperature_among_the_top_k(monkeypatch):
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 50, (3, 5))
+    logits = model(idx)[0][:, -1].double() / 0.7  # (3, V): the last position's, over the temperature
+    drawn = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, 'multinomial', lambda p, **kw: drawn.append(p.double()) or multinomial(p, **kw))
+    out = model.generate(idx, 1, temperature=0.7, top_k=5, use_cache=False)
+    top = logits.topk(5, dim=-1).indices
+    expected = torch.zeros_like(logits).scatter(-1, top, logits.gather(-1, top).softmax(-1))
+    torch.testing.assert_close(drawn[0], expected, rtol=1e-5, atol=1e-7)  # 5 tokens, renormalized
+    assert (out[:, -1:] == top).any(-1).all()
+
+
 @pytest.mark.parametrize("attention", ["sisa", "softmax"])
 @pytest.mark.parametrize("prompt_len", [1, 7])
 def test_cached_decoding_matches_the_full_forward(attention, prompt_len):
