@@ -414,6 +414,21 @@ def test_lambda_raw_stays_fp32_and_every_ssm_parameter_gets_a_gradient_under_bf1
             assert (g.abs().sum(-1) > 0).all(), name
 
 
+def test_weight_decay_falls_on_the_matrices_and_convolutions_not_on_norms_decays_or_lambda():
+    model = GPT(tiny_config(short_conv=3, bias=True))
+    model.transformer.h[1].attn.lambda_raw.requires_grad_(False)  # --lambda_fixed: not optimized at all
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decay = {id(p): group['weight_decay'] for group in optimizer.param_groups for p in group['params']}
+    names = dict(model.named_parameters())
+    assert len(decay) == len(names) - 1 and id(names['transformer.h.1.attn.lambda_raw']) not in decay
+    for name in ('transformer.wte.weight', 'transformer.h.0.attn.c_ssm.weight', 'transformer.h.0.mlp.c_proj.weight',
+                 'transformer.h.0.conv.weight'):
+        assert decay[id(names[name])] == 0.1, name
+    for name in ('transformer.h.0.ln_1.weight', 'transformer.ln_f.weight', 'transformer.h.0.attn.a_bias',
+                 'transformer.h.0.attn.lambda_raw', 'transformer.h.0.attn.c_attn.bias'):
+        assert decay[id(names[name])] == 0.0, name
+
+
 def test_generate_returns_the_requested_tokens_and_is_reproducible():
     model = GPT(tiny_config()).eval()
     idx = torch.randint(0, 50, (2, 5))
