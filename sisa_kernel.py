@@ -187,10 +187,11 @@ INTERPRETED = dict(BLOCK=32, forward=dict(BLOCK_M=16, BLOCK_N=32), dkdv=dict(BLO
                    dq=dict(BLOCK_M=32, BLOCK_N=16))
 # The scans on CUDA: rows per program (CHUNK) and rows per load of the loop that sums the chunks
 # before (CARRY), chosen by timing each kernel alone (docs/performance.md). Under the interpreter
-# SCANS_INTERPRETED's, small so that the tests cross chunks and carry loads.
+# SCANS_INTERPRETED's, small so that the tests cross chunks and carry loads, and with loads longer than
+# a chunk, as on CUDA, so that a load reaches past the rows it sums and its mask counts.
 SCANS = dict(channels_forward=dict(CHUNK=128, CARRY=512), channels_backward=dict(CHUNK=64),
              channels_scan_back=dict(CHUNK=256, CARRY=512), cumsum=dict(CHUNK=256))
-SCANS_INTERPRETED = dict(CHUNK=16, CARRY=8)
+SCANS_INTERPRETED = dict(CHUNK=8, CARRY=16)
 
 
 def launch_config(kernel, device, d_state=None, length=0):
