@@ -611,6 +611,7 @@ def test_a_key_block_is_skipped_only_where_every_key_in_it_is_forgotten(device):
     l, block = (1000, 64) if device.type == 'cuda' else (97, 32)
     log_alpha = torch.zeros(2, 3, l, dtype=torch.float64)
     log_alpha[..., block + 8::block + 3] = -1000.0  # one drop in about every block, never on its first row
+    log_alpha[..., 2 * block - 1] = -1000.0  # and one on a block's last row: its last key alone is remembered
     assert log_alpha.sum(-1).max() <= -2000
     for kernel in kernels(device):
         check_against_fp64(device, kernel, torch.float32, b=2, h=3, l=l, d_h=64 if device.type == 'cuda' else 16,
