@@ -694,6 +694,8 @@ def test_a_bare_boolean_flag_means_true_and_dtype_names_have_their_aliases():
     cfg = parse_flags(tr.TrainConfig, ['--lambda_fixed', '--dtype=bf16'], '')
     assert cfg.lambda_fixed is True and cfg.dtype == 'bfloat16'
     assert parse_flags(tr.TrainConfig, ['--dtype=fp16'], '').dtype == 'float16'
+    for text, value in (('1', True), ('0', False), ('True', True), ('false', False)):
+        assert parse_flags(tr.TrainConfig, [f'--lambda_fixed={text}'], '').lambda_fixed is value, text
 
 
 def test_a_config_file_may_say_compile_false_as_nanogpts_do(tmp_path):
@@ -721,13 +723,52 @@ def test_help_describes_every_flag_in_aligned_columns(capsys):
         assert described == len(dataclasses.fields(cls)) and len(columns) == 1, cls.__name__
 
 
+def test_the_learning_rate_rises_from_above_zero_to_its_peak_then_falls_to_min_lr():
+    cfg = parse_flags(tr.TrainConfig, ['--learning_rate=1e-3', '--min_lr=1e-4', '--warmup_iters=10',
+                                       '--max_iters=100'], '')
+    lr = [tr.lr_at(it, cfg) for it in range(101)]
+    assert 0 < lr[0] and all(a < b for a, b in zip(lr[:10], lr[1:11]))  # step 0 trains too
+    assert lr[10] == pytest.approx(1e-3) and lr[100] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_gradient_accumulation_takes_every_training_batch_once_in_order(workdir, monkeypatch):
+    # step s takes micro-batches s G .. s G + G - 1 of the one training stream: none repeated, none skipped
+    taken, batch = [], ds.Data.batch
+    def recording(self, split, step, device, rank=0, stream=0):
+        if split == 'train' and stream == 0:
+            taken.append(step)
+        return batch(self, split, step, device, rank, stream)
+    monkeypatch.setattr(ds.Data, 'batch', recording)
+    run_train('--max_iters=3', '--eval_interval=3', '--gradient_accumulation_steps=2')
+    assert taken == list(range(6))
+
+
+def test_an_evaluation_is_the_mean_loss_over_its_own_batches_of_each_split(workdir):
+    # eval_iters batches of stream 1, another draw than training's, the val ones from val.bin
+    cpu = torch.device('cpu')
+    cfg = parse_flags(tr.TrainConfig, TINY + ['--eval_iters=3', '--eval_needles=0'], '')
+    data = tr.load_data(cfg)
+    torch.manual_seed(0)
+    model = GPT(tr.model_config(cfg, data.meta['vocab_size']))
+    got = ds.evaluate(model, data, cfg, cpu, contextlib.nullcontext())
+    for split in ('train', 'val'):
+        batches = [data.batch(split, k, cpu, stream=1) for k in range(3)]
+        with torch.no_grad():
+            want = np.mean([model(x, y)[1].item() for x, y in batches])
+        assert got[f'{split}_loss'] == pytest.approx(want, rel=1e-5), split
+        assert not any(torch.equal(x, data.batch(split, k, cpu)[0]) for k, (x, _) in enumerate(batches)), split
+    val = open(os.path.join('data', 'needle', 'val.bin'), 'rb').read()
+    assert all(row.numpy().astype(np.uint16).tobytes() in val for x, _ in batches for row in x)
+
+
 def test_a_new_run_never_replaces_another_and_a_resumed_run_keeps_its_model(workdir, capsys):
     run_train('--max_iters=2', '--eval_interval=2')
     saved = open('out/ckpt.pt', 'rb').read()
     log = open('out/log.jsonl').read()
     got = exit_message(tr.main, TINY + ['--attention=softmax'])
     assert '--init_from=resume' in got and '--out_dir' in got and '--overwrite' in got
-    for flag in ('--attention=softmax', '--n_embd=64', '--dataset=other'):
+    for flag in ('--attention=softmax', '--n_embd=64', '--dataset=other', '--block_size=32'):
         got = exit_message(tr.main, TINY + ['--init_from=resume', '--max_iters=4', flag])
         assert 'differs from the run' in got and flag.split('=')[0] in got, flag
     tr.main(TINY + ['--init_from=resume', '--max_iters=2'])  # finished: nothing to do, nothing appended
