@@ -331,13 +331,16 @@ def test_resume_continues_exactly_where_training_stopped(workdir):
 
 def test_without_always_save_the_checkpoint_keeps_the_best_val_step_and_says_so(workdir, monkeypatch, capsys):
     # val losses by step as an overfitting run gives them: best at step 10, worse after
-    val = {0: 3.0, 10: 2.0, 20: 2.5, 30: 2.2}
+    val = {0: 3.0, 10: 2.0, 20: 2.5, 30: 2.2, 40: 2.1}
     monkeypatch.setattr(tr, 'evaluate', lambda model, data, cfg, *a: dict(train_loss=1.0, val_loss=val[iters.pop(0)]))
     iters = [0, 10, 20, 30]
     tr.main(TINY + ['--attention=softmax', '--max_iters=30', '--eval_interval=10', '--always_save_checkpoint=False'])
     ckpt = tr.load_checkpoint('out/ckpt.pt')
     assert (ckpt['iter_num'], ckpt['best_val_loss']) == (10, 2.0)
     assert 'out/ckpt.pt holds step 10, whose val loss 2.0000 no later step beat' in capsys.readouterr().out
+    iters[:] = [20, 30, 40]  # resumed from step 10: the best val loss comes with it
+    tr.main(TINY + ['--attention=softmax', '--init_from=resume', '--max_iters=40', '--eval_interval=10'])
+    assert (tr.load_checkpoint('out/ckpt.pt')['iter_num'], iters) == (10, [])
     iters[:] = [0, 10, 20, 30]  # the default: a checkpoint at every evaluation, and no such line
     tr.main(TINY + ['--attention=softmax', '--max_iters=30', '--eval_interval=10', '--out_dir=every'])
     assert tr.load_checkpoint('every/ckpt.pt')['iter_num'] == 30 and 'holds step' not in capsys.readouterr().out
@@ -565,7 +568,8 @@ def test_lambda_fixed_freezes_lambda_and_nothing_else(workdir):
 
 
 def test_resume_keeps_the_runs_settings_unless_a_flag_overrides_them(workdir):
-    run_train('--max_iters=3', '--eval_interval=3', '--learning_rate=0.02')
+    run_train('--max_iters=3', '--eval_interval=3', '--learning_rate=0.02', '--out_dir=first')
+    os.rename('first', 'out')  # a run's folder moved: it goes on where it is now (out, the default)
     cfg = parse_flags(tr.TrainConfig, ['--init_from=resume', '--max_iters=5', '--eval_interval=5',
                                           '--device=cpu', '--sample_tokens=0'], '')
     history = tr.train(cfg, quiet=True)
@@ -573,6 +577,7 @@ def test_resume_keeps_the_runs_settings_unless_a_flag_overrides_them(workdir):
     assert saved['iter_num'] == 5 and [h['iter'] for h in history] == [5]
     assert saved['config']['learning_rate'] == 0.02 and saved['config']['batch_size'] == 4  # from the run
     assert saved['config']['eval_interval'] == 5 and saved['config']['max_iters'] == 5      # given now
+    assert not os.path.exists('first')
 
 
 def test_two_processes_under_torchrun_are_the_same_run_as_one(workdir):
