@@ -1096,6 +1096,17 @@ class Copier(torch.nn.Module):
         return logits, None
 
 
+class FirstLetterCopier(Copier):
+    """Copier, but only after a space: the answer's first letter right, its later letters wrong."""
+    def __init__(self, vocab_size, space):
+        super().__init__(vocab_size)
+        self.space = space
+
+    def forward(self, x, y):
+        logits, _ = super().forward(x, y)
+        return logits * (x == self.space)[..., None], None
+
+
 class Bigram(torch.nn.Module):
     """Predicts the character that most often follows the current one in a training text: knows the
     language, copies nothing."""
@@ -1114,6 +1125,8 @@ def test_the_copy_probe_scores_a_model_that_copies_100_and_one_that_does_not_nea
     assert sorted(data.probes) == [128, 256]  # block_size // 4 is too short for a probe
     cpu, ctx = torch.device('cpu'), torch.no_grad()
     assert all(r == [1.0, 1.0] for r in ds.copy_probe(Copier(data.meta['vocab_size']), data, cpu, ctx).values())
+    first_only = FirstLetterCopier(data.meta['vocab_size'], data.meta['stoi'][' '])
+    assert all(r == [1.0, 0.0] for r in ds.copy_probe(first_only, data, cpu, ctx).values())
     bigram = Bigram(np.fromfile('data/copy/train.bin', dtype=np.uint16).astype(np.int64).tolist(), data.meta['vocab_size'])
     for first, whole in ds.copy_probe(bigram, data, cpu, ctx).values():
         assert first < 0.15 and whole == 0.0  # chance for the first of 26 capitals is about 4%
