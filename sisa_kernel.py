@@ -191,7 +191,7 @@ INTERPRETED = dict(BLOCK=32, forward=dict(BLOCK_M=16, BLOCK_N=32), dkdv=dict(BLO
 # a chunk, as on CUDA, so that a load reaches past the rows it sums and its mask counts.
 SCANS = dict(channels_forward=dict(CHUNK=128, CARRY=512), channels_backward=dict(CHUNK=64),
              channels_scan_back=dict(CHUNK=256, CARRY=512), cumsum=dict(CHUNK=256))
-SCANS_INTERPRETED = dict(CHUNK=8, CARRY=16)
+SCANS_INTERPRETED = dict(CHUNK=16, CARRY=32)
 
 
 def launch_config(kernel, device, d_state=None, length=0):

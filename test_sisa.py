@@ -766,7 +766,7 @@ def test_the_kernel_paths_channels_are_ssm_channels_with_the_same_gradients(devi
     if device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
         pytest.skip('the fused channels run on CUDA, or on the CPU under TRITON_INTERPRET=1')
     # views of one projection, as the model makes them; 50 steps cross the kernels' chunks and carry loads
-    # under the interpreter (8 and 16 rows), 1100 cross CUDA's (64 to 256, 512); bf16 as under autocast
+    # under the interpreter (16 and 32 rows), 1100 cross CUDA's (64 to 256, 512); bf16 as under autocast
     b, h, l = 2, 3, 1100 if device.type == 'cuda' else 50
     for dtype in (torch.float32,) + (torch.bfloat16,) * (device.type == 'cuda'):
         proj = torch.randn(b, l, h * (2 * d_s + 1 + d_s // 2), device=device).to(dtype)
