@@ -31,7 +31,9 @@ so dL/dg_t = sum_j dS_tj W_tj - sum_i dS_it W_it. The two sums nearly cancel whe
 remember long (each pair (i, j) with t on neither side of it adds to both), so each kernel
 sums its side from the exact rounded products the scores used, and all three kernels take
 the same offset for a pair: then the pairs cancel to fp32 rounding. (Offsets picked per tile,
-different in each kernel, left 16-bit rounding in every pair: docs/performance.md.)
+different in each kernel, left 16-bit rounding in every pair: docs/performance.md.) For the same
+reason delta_i = o_i . do_i, which every dS_ij of row i takes, is read off o as the forward computed
+it, in fp32: with 16-bit inputs the forward stores o and, beside it, what rounding o to 16 bits left out.
 
 Attention dropout is SDPA's: P = softmax(scores) over all the keys, then each P_ij is kept with
 probability 1 - p and scaled by 1 / (1 - p); Z_ij is that factor, 0 or 1 / (1 - p). The forward pass
@@ -82,7 +84,7 @@ def sisa_attention_fused(q, k, v, g, RC, RB, lam, dropout_p=0.0):
     seed = dropout_seed(q.device) if dropout_p > 0 else None
     q, k, v = (_pad_to_pow2(t) for t in (q, k, v))
     RC, RB = (_pad_to_pow2(t.float()).contiguous() for t in (RC, RB))  # fp32: see _launch
-    o, _, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam.float().contiguous(), seed,
+    o, _, _, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam.float().contiguous(), seed,
                          1.0 / math.sqrt(d_h), dropout_p)
     return o[..., :d_h]
 
@@ -409,11 +411,12 @@ def _forward_step(acc, m_i, l_i, q, c_tile, K, V, B, G, stride_kl, stride_vl, g_
 
 
 @triton.jit
-def _forward(Q, K, V, C, B, G, LAM, MASK, O, LSE, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+def _forward(Q, K, V, C, B, G, LAM, MASK, O, OL, LSE, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
              stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol, H, L, scale, dropout_p,
              DH: tl.constexpr, DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCKS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """BLOCK_M queries of one (batch, head). C, B, G, LSE are contiguous; C is R(Phi) C, lambda applied here.
+    OL (contiguous, as q; 16-bit inputs only) takes what rounding o to 16 bits left out (_backward_dq).
     BLOCK_M and BLOCK_N divide BLOCK, the length of the blocks that decide each pair's offset;
     BLOCKS is a power of two, at least the number of blocks in L. MASK: DROPOUT's bits (_dropout_bits)."""
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # longest rows first (_launch)
@@ -454,7 +457,11 @@ def _forward(Q, K, V, C, B, G, LAM, MASK, O, LSE, stride_qb, stride_qh, stride_q
     if DROPOUT:
         o = o / (1.0 - dropout_p)  # the kept weights' factor Z; the log-sum-exp below stays the softmax's
     d = tl.arange(0, DH)
-    tl.store(O + i[:, None] * stride_ol + d[None, :], o.to(O.dtype.element_ty), mask=i[:, None] < L)
+    o_out = o.to(O.dtype.element_ty)
+    tl.store(O + i[:, None] * stride_ol + d[None, :], o_out, mask=i[:, None] < L)
+    if PRECISION == 'tf32':  # 16-bit o: its rounding, kept for delta
+        tl.store(OL + bh * L * DH + i[:, None] * DH + d[None, :], (o - o_out.to(tl.float32)).to(OL.dtype.element_ty),
+                 mask=i[:, None] < L)
     tl.store(LSE + i, m_i + tl.log2(l_i), mask=i < L)  # log2-sum-exp2 of the row's scores
 
 
@@ -490,7 +497,7 @@ def _dq_step(dq, dc, q, do, c_tile, lse, delta, K, V, B, G, stride_kl, stride_vl
 
 
 @triton.jit
-def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, MASK, DQ, DC, DGQ, DLAM, stride_qb, stride_qh, stride_ql,
+def _backward_dq(Q, K, V, C, B, G, LAM, O, OL, DO, LSE, DELTA, MASK, DQ, DC, DGQ, DLAM, stride_qb, stride_qh, stride_ql,
                  stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_dob, stride_doh, stride_dol,
                  stride_ob, stride_oh, stride_ol, H, L, scale, dropout_p, DH: tl.constexpr,
                  DS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -514,7 +521,10 @@ def _backward_dq(Q, K, V, C, B, G, LAM, O, DO, LSE, DELTA, MASK, DQ, DC, DGQ, DL
     lam = tl.load(LAM + h)
     q, do, rc = _rows(Q, i, L, stride_ql, DH), _rows(DO, i, L, stride_dol, DH), _rows(C, i, L, DS, DS)
     c_tile = _rounded(rc * lam, PRECISION=PRECISION)
-    delta = tl.sum(_rows(O, i, L, stride_ol, DH).to(tl.float32) * do.to(tl.float32), 1)  # sum_j P_ij dP_ij = o_i . do_i
+    o = _rows(O, i, L, stride_ol, DH).to(tl.float32)
+    if PRECISION == 'tf32':  # o as _forward computed it: a 16-bit o put its rounding into every dS_ij of the row,
+        o += _rows(OL + bh * L * DH, i, L, DH, DH).to(tl.float32)  # and sums over them (dlambda, dg) kept it
+    delta = tl.sum(o * do.to(tl.float32), 1)  # sum_j P_ij dP_ij = o_i . do_i
     tl.store(DELTA + i, delta, mask=i < L)
     g_q = tl.load(G + i, mask=i < L, other=float('-inf'))
     lse = tl.load(LSE + i, mask=i < L, other=0.0)
@@ -721,16 +731,23 @@ def _launch(kernel, name, rows, q, RC, scale, dropout_p, *args):
 @torch.library.custom_op('nanosisa::attention', mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, RC: torch.Tensor, RB: torch.Tensor,
                g: torch.Tensor, lam: torch.Tensor, seed: Optional[torch.Tensor], scale: float,
-               dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    o = _empty_bhld(q)
+               dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, o_low = _empty_bhld(q), _o_low(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     b, h, l, _ = q.shape
     mask = q.new_empty(b * h, 0, dtype=torch.uint8)  # without dropout nothing to read
     if dropout_p > 0:  # drawn once here, read by the forward and both backward kernels
         mask = _draw_bits(seed, b, h, l, dropout_p, launch_config('forward', q.device, RC.size(-1), l)['BLOCK'])
     _launch(_forward, 'forward', 'BLOCK_M', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam,
-            mask if dropout_p > 0 else None, o, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(o))
-    return o, lse, mask
+            mask if dropout_p > 0 else None, o, o_low if o_low.numel() else None, lse, *_bhl(q), *_bhl(k), *_bhl(v),
+            *_bhl(o))
+    return o, lse, mask, o_low
+
+
+def _o_low(q):
+    """What rounding o to q's 16 bits leaves out, for the backward's delta = o . do (none for fp32 q): the dS_ij of
+    a row all take delta's rounding, and dlambda and dL/dg sum them where they nearly cancel (docs/performance.md)."""
+    return torch.empty(q.shape if q.dtype != torch.float32 else 0, dtype=q.dtype, device=q.device)
 
 
 @_attention.register_fake
@@ -738,13 +755,13 @@ def _(q, k, v, RC, RB, g, lam, seed, scale, dropout_p):
     b, h, l, _ = q.shape
     block = launch_config('forward', q.device, RC.size(-1), l)['BLOCK']
     mask = q.new_empty(b * h, _mask_bytes(l, block) if dropout_p > 0 else 0, dtype=torch.uint8)
-    return _empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32), mask
+    return _empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32), mask, _o_low(q)
 
 
 @torch.library.custom_op('nanosisa::attention_backward', mutates_args=())
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, RC: torch.Tensor,
                         RB: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                        mask: torch.Tensor, scale: float, dropout_p: float
+                        mask: torch.Tensor, o_low: torch.Tensor, scale: float, dropout_p: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
     dq, dk, dv = _empty_bhld(q), _empty_bhld(q), _empty_bhld(q)
@@ -757,8 +774,8 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dlam_tiles = torch.empty(q.size(0) * q.size(1), query_tiles, dtype=torch.float32, device=q.device)
     strides = (*_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do))
     mask = mask if dropout_p > 0 else None
-    _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam, o, do, lse,
-            delta, mask, dq, dRC, dg_query, dlam_tiles, *strides, *_bhl(o))
+    _launch(_backward_dq, 'dq', 'BLOCK_M', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam, o,
+            o_low if o_low.numel() else None, do, lse, delta, mask, dq, dRC, dg_query, dlam_tiles, *strides, *_bhl(o))
     _launch(_backward_dkdv, 'dkdv', 'BLOCK_N', q, RC, scale, dropout_p, q, k, v, RC, RB, g, lam, do, lse,
             delta, dg_query, mask, dk, dv, dRB, dg, *strides)
     dlam = dlam_tiles.view(q.size(0), q.size(1), -1).sum((0, 2)).to(lam.dtype)  # one share per query tile
@@ -766,18 +783,18 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
 
 @_attention_backward.register_fake
-def _(do, q, k, v, RC, RB, g, lam, o, lse, mask, scale, dropout_p):
+def _(do, q, k, v, RC, RB, g, lam, o, lse, mask, o_low, scale, dropout_p):
     return (_empty_bhld(q), _empty_bhld(q), _empty_bhld(q), torch.empty_like(RC), torch.empty_like(RB),
             torch.empty_like(lse), torch.empty_like(lam))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, RC, RB, g, lam, seed, scale, dropout_p = inputs
-    ctx.save_for_backward(q, k, v, RC, RB, g, lam, *output)  # o, lse, and the dropout bits the backward reads
+    ctx.save_for_backward(q, k, v, RC, RB, g, lam, *output)  # o, lse, the dropout bits and o's rounding
     ctx.scale, ctx.dropout_p = scale, dropout_p
 
 
-def _backward(ctx, do, dlse, dmask):
+def _backward(ctx, do, dlse, dmask, do_low):
     return *_attention_backward(do, *ctx.saved_tensors, ctx.scale, ctx.dropout_p), None, None, None
 
 

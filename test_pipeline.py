@@ -1147,7 +1147,7 @@ for arch, config, wide in ((75, K.SMALL, {}), (86, K.CONFIG, K.WIDE)):
             meta = dict(config[name], **wide.get(d_s, {}).get(name, {}))
             consts = dict(DH=64, DS=d_s, BLOCK=config['BLOCK'], BLOCK_M=meta['BLOCK_M'], BLOCK_N=meta['BLOCK_N'],
                           BLOCKS=32, PRECISION='tf32', DROPOUT=False)
-            sig = {a: 'constexpr' if a in consts else '*fp16' if a in ('Q', 'K', 'V', 'O', 'DO', 'DQ', 'DK', 'DV')
+            sig = {a: 'constexpr' if a in consts else '*fp16' if a in ('Q', 'K', 'V', 'O', 'OL', 'DO', 'DQ', 'DK', 'DV')
                    else '*i64' if a == 'SEED' else '*fp32' if a.isupper() and a not in ('H', 'L')
                    else 'fp32' if a in ('scale', 'dropout_p') else 'i32' for a in fn.arg_names}
             kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', arch, 32),
