@@ -563,8 +563,8 @@ def check_against_fp64(device, kernel, dtype, b, h, l, d_h, d_s, span, tol, grad
 
 
 TOLERANCES = {torch.float32: (1e-4, 2e-3), torch.bfloat16: (2e-2, 0.1), torch.float16: (5e-3, 3e-2)}
-# The fused kernel takes C and B at fp16's precision beside bf16 q, k (sisa_kernel._launch) and o's rounding back for
-# delta, so in bf16 it holds fp16's bounds, tighter than the SDPA form's (errors measured: docs/performance.md, Exactness)
+# The fused kernel takes C and B at fp16's precision beside bf16 q, k (sisa_kernel._launch) and adds o's rounding
+# back for delta, so in bf16 it holds fp16's bounds, tighter than the SDPA form's (docs/performance.md, Exactness)
 FUSED_BF16 = TOLERANCES[torch.float16]
 
 
