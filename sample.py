@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from configurator import DTYPES, autocast, check_values, opt, parse_flags, pick_device
+from configurator import DTYPES, autocast, check_values, opt, parse_flags, pick_device, pick_dtype
 
 
 @dataclass
@@ -27,7 +27,8 @@ class SampleConfig:
     seed: int = opt(1337, 'random seed (and of the needle questions)')
     device: str = opt('auto', "'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'")
     use_cache: bool = opt(True, 'cached decoding, one step per token (the same tokens as without)')
-    dtype: str = opt('auto', "'auto' (bf16 on CUDA where supported, else fp32), 'float32', 'bfloat16', 'float16'")
+    dtype: str = opt('auto', "'auto' (as train.py: bf16 on CUDA, fp16 where bf16 is unsupported, else fp32), "
+                             "'float32', 'bfloat16', 'float16'")
 
     def __post_init__(self):
         self.dtype = DTYPES.get(self.dtype, self.dtype)
@@ -97,9 +98,7 @@ def sample(cfg):
     ckpt = load_checkpoint(f'{cfg.out_dir}/ckpt.pt')
     device = pick_device(cfg.device)
     model = load_model(ckpt).eval().to(device)
-    dtype = cfg.dtype
-    if dtype == 'auto':
-        dtype = 'bfloat16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     if ckpt['meta']['tokenizer'] == 'recall':  # an associative-recall model: tokens, not text
         if cfg.start:
