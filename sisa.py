@@ -349,8 +349,9 @@ class GPTConfig:  # defaults: nanoGPT's tiny Shakespeare shape; train.py's (Trai
         if self.d_state < 2 or self.d_state % 2 != 0:
             raise ValueError(f"d_state must be even and >= 2 (pairs are rotated), got {self.d_state}")
         if self.ffn_hidden() < 1:  # SISA's SSM costs more than the Transformer's SwiGLU holds
+            d_ff = self.d_ff or 8 * ((8 * self.n_embd // 3 + 7) // 8)
             raise ValueError(f"d_state={self.d_state} leaves SISA no SwiGLU units to match the Transformer's "
-                             f"{self.d_ff or 8 * ((8 * self.n_embd // 3 + 7) // 8)}: lower d_state or raise d_ff or n_embd")
+                             f"{d_ff}: lower d_state or raise d_ff or n_embd")
 
     def ssm_widths(self):
         """Output widths of the SSM projections per layer: B, C, a, theta (empty for softmax)."""

@@ -75,10 +75,11 @@ class TrainConfig:
     min_lr: float = opt(3e-4, 'learning rate at the end of the cosine')
     # system
     device: str = opt('auto', "'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'")
-    dtype: str = opt('auto', "'auto' (bf16 on CUDA, fp16 where bf16 is unsupported, else fp32), 'float32', 'bfloat16', 'float16'")
+    dtype: str = opt('auto', "'auto' (bf16 on CUDA, fp16 where bf16 is unsupported, else fp32), "
+                             "'float32', 'bfloat16', 'float16'")
     compile: str = opt('auto', "torch.compile: 'auto' (on CUDA), True or False")
-    compile_mode: str = opt('auto', "torch.compile's mode: 'auto' (CUDA graphs where they are safe: see pick_compile_mode), "
-                                    "'default', 'reduce-overhead' (CUDA graphs) or 'max-autotune'")
+    compile_mode: str = opt('auto', "torch.compile's mode: 'auto' (CUDA graphs where they are safe: see "
+                                    "pick_compile_mode), 'default', 'reduce-overhead' (CUDA graphs) or 'max-autotune'")
     seed: int = opt(1337, 'one seed for init and data order, so runs differ only in what you change')
     sample_tokens: int = opt(120, 'tokens to sample at the end (0: none)')
 
@@ -95,7 +96,8 @@ class TrainConfig:
                                   compile_mode=('auto', 'default', 'reduce-overhead', 'max-autotune')))
         if not 0 <= self.dropout < 1:
             raise ValueError(f'--dropout must be in [0, 1), got {self.dropout}')
-        if self.compile_mode not in ('auto', 'default') and self.gradient_accumulation_steps > int(os.environ.get('WORLD_SIZE', 1)):
+        accumulates = self.gradient_accumulation_steps > int(os.environ.get('WORLD_SIZE', 1))
+        if self.compile_mode not in ('auto', 'default') and accumulates:
             raise ValueError(f'--compile_mode={self.compile_mode} (CUDA graphs) loses or refuses accumulated '
                              f'gradients (torch 2.11): use --compile_mode=default, or a larger --batch_size')
 
@@ -186,7 +188,8 @@ def compiled_or_eager(model, batch, ctx, mode='default'):
         loss.backward()
         return compiled
     except Exception as e:
-        print(f'warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); training uncompiled')
+        first_line = str(e).splitlines()[0][:100]
+        print(f'warning: torch.compile failed ({type(e).__name__}: {first_line}); training uncompiled')
         return model
     finally:
         model.zero_grad(set_to_none=True)
@@ -350,7 +353,8 @@ def train(cfg, quiet=False):
     t0, tokens_seen, saved = time.time(), 0, None
     while True:
         last = iter_num >= cfg.max_iters
-        if master and (iter_num % cfg.eval_interval == 0 or last) and not (ckpt and iter_num == ckpt['iter_num'] and not last):
+        resumed_here = ckpt and iter_num == ckpt['iter_num'] and not last  # the step a resumed run starts from
+        if master and (iter_num % cfg.eval_interval == 0 or last) and not resumed_here:
             ev = evaluate(raw_model, data, cfg, device, ctx)
             history.append(dict(iter=iter_num, lr=lr_at(iter_num, cfg), **ev, time=round(time.time() - t0, 1)))
             with open(log_path, 'a') as f:
