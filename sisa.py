@@ -401,7 +401,8 @@ class CausalSelfAttention(nn.Module):
         self.stats, self.stats_dtype = None, None
 
     def reset_ssm_parameters(self):
-        """Paper's init: w_a = 0 (every token starts with the same decay), W_theta small."""
+        """Paper's init of c_ssm's rows that differ from GPT-2's: w_a = 0 (every token starts with the same decay),
+        W_theta small. b_a and lambda get theirs where they are made, in __init__."""
         wB, wC, wa, wtheta = self.ssm_widths
         with torch.no_grad():
             W = self.c_ssm.weight  # (wB + wC + wa + wtheta, d)
