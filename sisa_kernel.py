@@ -85,7 +85,7 @@ def sisa_attention_fused(q, k, v, g, RC, RB, lam, dropout_p=0.0):
     q, k, v = (_pad_to_pow2(t) for t in (q, k, v))
     RC, RB = (_pad_to_pow2(t.float()).contiguous() for t in (RC, RB))  # fp32: see _launch
     o, _, _, _ = _attention(q, k, v, RC, RB, g.float().contiguous(), lam.float().contiguous(), seed,
-                         1.0 / math.sqrt(d_h), dropout_p)
+                            1.0 / math.sqrt(d_h), dropout_p)
     return o[..., :d_h]
 
 
