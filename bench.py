@@ -84,7 +84,8 @@ def time_steps(cfg, vocab):
                       generator=torch.Generator(device).manual_seed(cfg.seed + rank))
 
     def step():
-        torch.compiler.cudagraph_mark_step_begin()  # as train.py: under CUDA graphs, the last step's outputs are done with
+        # as train.py: under CUDA graphs, the last step's outputs are done with
+        torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             _, loss = run(x, x)
         loss.backward()
@@ -122,7 +123,9 @@ def time_steps(cfg, vocab):
 def profile(step, sync, device, steps=5):
     """torch.profiler's table of the kernels (or CPU ops) that take the most time over `steps` steps,
     and on CUDA the GPU time a step by kind of kernel (kernel_kinds)."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == 'cuda')
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step()
@@ -183,8 +186,8 @@ def benchmark(cfg):
             runs[attention].append(r)
             mem = 'n/a' if r['mem_gib'] is None else f"{r['mem_gib']:.2f} GiB"
             mfu = 'n/a' if r['mfu'] is None else f"{r['mfu']:.1%}"
-            print(f"{attention:>8}: {r['params'] / 1e6:.2f}M params, {r['tok_s']:,.0f} tok/s, {r['step_ms']:.1f} ms/step "
-                  f"(windows {r['windows']} ms), peak {mem}, MFU {mfu}")
+            print(f"{attention:>8}: {r['params'] / 1e6:.2f}M params, {r['tok_s']:,.0f} tok/s, "
+                  f"{r['step_ms']:.1f} ms/step (windows {r['windows']} ms), peak {mem}, MFU {mfu}")
             if r['profile']:
                 print(r['profile'])
     results = {a: sorted(rs, key=lambda r: r['tok_s'])[len(rs) // 2] for a, rs in runs.items()}  # the median run
@@ -194,7 +197,8 @@ def benchmark(cfg):
           f"(MFU counts 6N + 6 n_layer n_head block_size (2 d_h + d_s) FLOPs per token; d_s = 0 for softmax)")
     if cfg.repeats > 1:
         ratios = [a['tok_s'] / b['tok_s'] for a, b in zip(runs['sisa'], runs['softmax'])]
-        print(f"median of {cfg.repeats} timings each; the ratio in each repeat: {min(ratios):.3f}x to {max(ratios):.3f}x")
+        print(f"median of {cfg.repeats} timings each; "
+              f"the ratio in each repeat: {min(ratios):.3f}x to {max(ratios):.3f}x")
     return results
 
 

@@ -373,7 +373,8 @@ class PrepareConfig:
     url: str = opt(SHAKESPEARE_URL, 'tiny Shakespeare download url (a mirror)')
     doc_len: int = opt(DOC_LEN, 'needle: max characters per document, question and answer included')
     n_digits: int = opt(N_DIGITS, 'needle: digits of the secret number')
-    doc_lengths: str = opt('uniform', "needle: training and val document lengths, 'uniform' or 'loguniform' up to doc_len")
+    doc_lengths: str = opt('uniform', "needle: training and val document lengths, "
+                                      "'uniform' or 'loguniform' up to doc_len")
     n_train_docs: int = opt(N_TRAIN_DOCS, 'needle: training documents')
     n_val_docs: int = opt(N_VAL_DOCS, 'needle: validation documents')
     n_eval: int = opt(N_EVAL, 'needle: held-out prompts in eval.json')

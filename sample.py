@@ -70,7 +70,8 @@ def ask_needles(model, meta, cfg, device, ctx):
             y = model.generate(x, len(q['answer']), temperature=0, use_cache=cfg.use_cache)
         answer = decode(y[0, x.size(1):].tolist())
         right += answer == q['answer']
-        print(q['prompt'] + answer + ('   right' if answer == q['answer'] else f"   wrong: the number is {q['answer']}"))
+        verdict = '   right' if answer == q['answer'] else f"   wrong: the number is {q['answer']}"
+        print(q['prompt'] + answer + verdict)
     print(f'--------------- {right}/{len(questions)} right')
 
 

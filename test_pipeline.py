@@ -228,7 +228,9 @@ def test_needle_splits_and_eval_use_different_seeds(tmp_path):
     data_dir = pd.prepare_needle(str(tmp_path), **SMALL)
     meta = pd.load_meta(data_dir)
     _, decode = pd.get_tokenizer(meta)
-    read = lambda split: set(decode(np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16).tolist()).splitlines())
+    def read(split):
+        tokens = np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16)
+        return set(decode(tokens.tolist()).splitlines())
     train, val = read('train'), read('val')
     with open(os.path.join(data_dir, 'eval.json')) as f:
         evals = json.load(f)
@@ -273,8 +275,10 @@ def test_main_rejects_unknown_flag():
     assert 'unknown flag --n_digit (did you mean --n_digits?)' in str(e.value.code)
 
 def test_main_rejects_wrong_type_and_values_that_cannot_work(tmp_path):
-    for flag, message in [('--doc_len=long', '--doc_len expects an int'), ('--n_digits=0', '--n_digits must be > 0'),
-                          ('--n_train_docs=0', '--n_train_docs must be > 0'), ('--doc_len=10', '--doc_len=10 is too short')]:
+    for flag, message in [('--doc_len=long', '--doc_len expects an int'),
+                          ('--n_digits=0', '--n_digits must be > 0'),
+                          ('--n_train_docs=0', '--n_train_docs must be > 0'),
+                          ('--doc_len=10', '--doc_len=10 is too short')]:
         with pytest.raises(SystemExit) as e:
             pd.main([flag, f'--data_dir={tmp_path}'])
         assert str(e.value.code).startswith('error: ' + message), flag
@@ -540,7 +544,8 @@ def test_compile_mode_auto_takes_cuda_graphs_only_where_they_are_known_to_work(m
     assert mode(cpu) == 'default'
     assert mode(cuda, '--gradient_accumulation_steps=2') == 'default'
     assert mode(cuda, '--kernel=sdpa') == 'default'  # the chunked SDPA form reads its chunk count on the host
-    assert mode(cuda, '--compile_mode=default') == 'default' and mode(cpu, '--compile_mode=max-autotune') == 'max-autotune'
+    assert mode(cuda, '--compile_mode=default') == 'default'
+    assert mode(cpu, '--compile_mode=max-autotune') == 'max-autotune'
     monkeypatch.setenv('RANK', '0')  # under torchrun: DDP
     assert mode(cuda) == 'default'
 
@@ -589,7 +594,8 @@ def test_two_processes_under_torchrun_are_the_same_run_as_one(workdir):
     launch = {'one': [sys.executable, train_py],
               'two': [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', train_py]}
     for out_dir, cmd in launch.items():
-        run = subprocess.run(cmd + flags + [f'--out_dir={out_dir}'], capture_output=True, text=True, timeout=300, env=env)
+        run = subprocess.run(cmd + flags + [f'--out_dir={out_dir}'], capture_output=True, text=True, timeout=300,
+                             env=env)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-8000:]  # a rank's own error precedes torchrun's
     logs = {d: [json.loads(line) for line in open(f'{d}/log.jsonl')] for d in launch}
     assert [h['iter'] for h in logs['one']] == [h['iter'] for h in logs['two']] == [0, 2, 4]  # one writer
@@ -830,7 +836,8 @@ def test_compare_in_parallel_processes_gives_the_table_of_one_after_another(work
     for m in one:
         for a, b in zip(one[m], two[m]):
             assert [h['iter'] for h in a['history']] == [h['iter'] for h in b['history']] == [0, 2, 4]
-            assert [h['val_loss'] for h in a['history']] == pytest.approx([h['val_loss'] for h in b['history']], abs=1e-5)
+            val_losses = [h['val_loss'] for h in a['history']]
+            assert val_losses == pytest.approx([h['val_loss'] for h in b['history']], abs=1e-5)
             assert a['sweep'].keys() == b['sweep'].keys() and len(a['sweep']) > 0
     assert 'steps to 50% needle' in tables[1] and 'needle at length 64' in tables[1] and 'leak' in tables[1]
     assert tables[1].count('\n') == tables[2].count('\n')
@@ -1121,13 +1128,15 @@ class Bigram(torch.nn.Module):
 
 def test_the_copy_probe_scores_a_model_that_copies_100_and_one_that_does_not_near_chance(workdir):
     pd.prepare_copy('data', n_train_docs=200, n_val_docs=10)
-    data = tr.load_data(parse_flags(tr.TrainConfig, TINY + ['--dataset=copy', '--block_size=256', '--eval_needles=50'], ''))
+    flags = TINY + ['--dataset=copy', '--block_size=256', '--eval_needles=50']
+    data = tr.load_data(parse_flags(tr.TrainConfig, flags, ''))
     assert sorted(data.probes) == [128, 256]  # block_size // 4 is too short for a probe
     cpu, ctx = torch.device('cpu'), torch.no_grad()
     assert all(r == [1.0, 1.0] for r in ds.copy_probe(Copier(data.meta['vocab_size']), data, cpu, ctx).values())
     first_only = FirstLetterCopier(data.meta['vocab_size'], data.meta['stoi'][' '])
     assert all(r == [1.0, 0.0] for r in ds.copy_probe(first_only, data, cpu, ctx).values())
-    bigram = Bigram(np.fromfile('data/copy/train.bin', dtype=np.uint16).astype(np.int64).tolist(), data.meta['vocab_size'])
+    train_tokens = np.fromfile('data/copy/train.bin', dtype=np.uint16).astype(np.int64).tolist()
+    bigram = Bigram(train_tokens, data.meta['vocab_size'])
     for first, whole in ds.copy_probe(bigram, data, cpu, ctx).values():
         assert first < 0.15 and whole == 0.0  # chance for the first of 26 capitals is about 4%
 
@@ -1272,7 +1281,8 @@ def test_plot_draws_recall_accuracy_at_every_length_and_a_recall_examples_attent
     plot.main(['--head=1'])
     (layers, labels), = drawn
     assert layers == 1 and len(labels) == 64 and labels[0].startswith('k') and labels[1].startswith('v')
-    assert labels.count('.') > 0 and set(labels) <= {'.'} | {f'k{i}' for i in range(1, 32)} | {f'v{i}' for i in range(32)}
+    names = {'.'} | {f'k{i}' for i in range(1, 32)} | {f'v{i}' for i in range(32)}
+    assert labels.count('.') > 0 and set(labels) <= names
 
 
 def test_a_model_whose_lambda_is_zero_draws_an_empty_importance_panel(workdir):
@@ -1291,7 +1301,8 @@ def test_a_model_whose_lambda_is_zero_draws_an_empty_importance_panel(workdir):
 
 def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib now raises ImportError
-    assert exit_message(plot.main, []) == 'error: plot.py draws with matplotlib, an optional extra: pip install matplotlib'
+    expected = 'error: plot.py draws with matplotlib, an optional extra: pip install matplotlib'
+    assert exit_message(plot.main, []) == expected
 
 
 def test_bench_repeats_alternate_the_models_and_report_the_median_run(workdir, capsys):
@@ -1307,8 +1318,8 @@ def test_bench_repeats_alternate_the_models_and_report_the_median_run(workdir, c
 
 
 def test_a_bench_shape_sets_its_flags_and_flags_given_win(workdir, capsys):
-    flags = ['--shape=tiny', '--n_layer=1', '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=2', '--iters=5',
-             '--device=cpu']
+    flags = ['--shape=tiny', '--n_layer=1', '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=2',
+             '--iters=5', '--device=cpu']
     bench.main(flags)
     header = capsys.readouterr().out.splitlines()[0]
     assert 'batch 2 x 32, 1 x 32, d_state 16, vocab 65' in header  # d_state, vocab from the shape; the rest given
@@ -1326,7 +1337,8 @@ def test_the_lab_config_sets_the_lab_in_train_and_compare():
 def test_the_recall_config_sets_the_smallest_recall_setting():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'recall.py')
     cfg = parse_flags(tr.TrainConfig, [path, '--attention=softmax'], '')
-    assert (cfg.dataset, cfg.recall_vocab, cfg.block_size, cfg.n_embd, cfg.attention) == ('recall', 64, 64, 128, 'softmax')
+    got = (cfg.dataset, cfg.recall_vocab, cfg.block_size, cfg.n_embd, cfg.attention)
+    assert got == ('recall', 64, 64, 128, 'softmax')
     assert tr.load_data(cfg).lengths == [64]
 
 
@@ -1364,6 +1376,9 @@ def test_ctrl_c_in_any_script_is_one_line(workdir, monkeypatch):
 def test_progress_to_a_file_is_not_redrawn_every_few_steps(workdir):
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')] + TINY + \
           ['--max_iters=200', '--eval_interval=1000']
+    t0 = time.time()
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # stderr a pipe, as a log file is
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stderr.count('/200') <= 5 and '200/200' in run.stderr  # the bar's start and end, not 20 redraws
+    # the bar's start (drawn twice around the first evaluation's line), one line every 30 s, its end; not
+    # 20 redraws, one each 10 steps. A busy machine takes longer, so the bound grows with the wall time.
+    assert run.stderr.count('/200') <= 4 + (time.time() - t0) // 30 and '200/200' in run.stderr
