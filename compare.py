@@ -7,7 +7,7 @@ $ python compare.py --models=sisa,softmax,paper --seeds=5 --max_iters=2000
 $ python compare.py --jobs=4                         # four runs at once, each in its own process
 
 It takes train.py's flags (the task, the model, the schedule) and the three below. Runs go to
-out_dir/<model>_seed<k>/; the table and every run's history to out_dir/compare.json.
+out_dir/<model>_seed<seed>/; the table and every run's history to out_dir/compare.json.
 """
 import dataclasses
 import json
@@ -106,7 +106,7 @@ def runs_of(cfg):
     return [(m, s, TrainConfig(**{**base, 'attention': 'softmax' if m == 'softmax' else 'sisa',
                                   'sisa_offset': 'paper' if m == 'paper' else 'exact', 'seed': cfg.seed + s,
                                   'sample_tokens': 0, 'init_from': 'scratch',
-                                  'out_dir': os.path.join(cfg.out_dir, f'{m}_seed{s}')}))
+                                  'out_dir': os.path.join(cfg.out_dir, f'{m}_seed{cfg.seed + s}')}))
             for s in range(cfg.seeds) for m in cfg.models.split(',')]
 
 
@@ -178,9 +178,12 @@ def compare(cfg):
     runs = {m: [results[m, s] for s in range(cfg.seeds)] for m in cfg.models.split(',')}
     with open(os.path.join(cfg.out_dir, 'compare.json'), 'w') as f:
         json.dump(dict(config=dataclasses.asdict(cfg), runs=runs), f)
-    print(f"\n{cfg.dataset}, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.max_iters} steps, {cfg.seeds} seeds "
+    seeds = f"{cfg.seeds} seed{'s' * (cfg.seeds > 1)}"
+    print(f"\n{cfg.dataset}, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.max_iters} steps, {seeds} "
           f"(median [min, max])\n")
-    print(f"| {'':<30} | " + ' | '.join(f'{TITLES[m]:<28}' for m in runs) + ' |')
+    fixed = ', lambda fixed' * cfg.lambda_fixed  # every SISA model's, not the Transformer's
+    titles = [TITLES[m] + (fixed if m != 'softmax' else '') for m in runs]
+    print(f"| {'':<30} | " + ' | '.join(f'{t:<28}' for t in titles) + ' |')
     print(f"|{'-' * 32}|" + '|'.join('-' * 30 for _ in runs) + '|')
     for name, values in table(cfg, runs, lengths, needle):
         print(f'| {name:<30} | ' + ' | '.join(f'{v:<28}' for v in values) + ' |')

@@ -422,7 +422,8 @@ def test_bad_inputs_get_clear_messages(workdir, monkeypatch):
     assert not os.path.exists('out-nodata')  # a run that cannot start leaves no folder behind
     assert 'too few for block_size' in exits(tr.main, TINY + ['--block_size=100000'])
     assert 'd_state' in exits(tr.main, TINY + ['--d_state=3'])
-    assert 'no checkpoint' in exits(tr.main, TINY + ['--init_from=resume', '--out_dir=nothing'])
+    assert exits(tr.main, TINY + ['--init_from=resume', '--out_dir=nothing']).endswith(
+        'no checkpoint at nothing/ckpt.pt; train one first with python train.py --out_dir=nothing')
     os.makedirs('broken')
     open('broken/ckpt.pt', 'wb').write(b'not a checkpoint')
     assert 'is not a checkpoint' in exits(tr.main, TINY + ['--init_from=resume', '--out_dir=broken'])
@@ -439,19 +440,19 @@ def test_bad_inputs_get_clear_messages(workdir, monkeypatch):
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(workdir):
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), 'train.py')] + TINY + \
-          ['--max_iters=100000', '--eval_interval=100000']
+          ['--max_iters=100000', '--eval_interval=100000', '--out_dir=run']
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
-    while not os.path.exists('out/log.jsonl') and time.time() < deadline:  # step 0 evaluated: training
+    while not os.path.exists('run/log.jsonl') and time.time() < deadline:  # step 0 evaluated: training
         time.sleep(0.2)
     time.sleep(2.0)
     p.send_signal(2)  # SIGINT, as Ctrl-C sends
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 130, out
-    step = tr.load_checkpoint('out/ckpt.pt')['iter_num']
-    assert step > 0 and f'saved step {step}' in out
-    assert not os.path.exists('out/ckpt.pt.tmp')
-    history = run_train(f'--max_iters={step + 2}', '--eval_interval=100000', '--init_from=resume')
+    step = tr.load_checkpoint('run/ckpt.pt')['iter_num']
+    assert step > 0 and f'saved step {step} to run/ckpt.pt; continue with --init_from=resume --out_dir=run\n' in out
+    assert not os.path.exists('run/ckpt.pt.tmp')
+    history = run_train(f'--max_iters={step + 2}', '--eval_interval=100000', '--init_from=resume', '--out_dir=run')
     assert history[-1]['iter'] == step + 2
 
 
@@ -829,9 +830,11 @@ def test_compare_in_parallel_processes_gives_the_table_of_one_after_another(work
     tables = {}
     for jobs in (1, 2):
         cp.main(flags + [f'--jobs={jobs}', f'--out_dir=jobs{jobs}'])
-        tables[jobs] = capsys.readouterr().out.split('\n| ', 1)[1]
+        heading, tables[jobs] = capsys.readouterr().out.split('\n| ', 1)
+        assert heading.endswith('4 steps, 2 seeds (median [min, max])\n')
         runs = json.load(open(f'jobs{jobs}/compare.json'))['runs']
         assert sorted(runs) == ['sisa', 'softmax'] and all(len(r) == 2 for r in runs.values())
+        assert os.path.exists(f'jobs{jobs}/softmax_seed1338/ckpt.pt')  # a run's folder names its seed
     one, two = (json.load(open(f'jobs{j}/compare.json'))['runs'] for j in (1, 2))
     for m in one:
         for a, b in zip(one[m], two[m]):
@@ -1046,8 +1049,11 @@ def test_train_compare_and_sample_run_associative_recall(workdir, capsys):
     assert total == 2 * 64 // 16 and sum(l.count('? ') for l in lines[:-1]) == total
     assert sum(l.count('(wrong: ') for l in lines[:-1]) == total - right
     assert 'reads no text' in exit_message(sp.main, ['--start=k1'])
-    cp.main(TINY + flags + ['--seeds=1', '--out_dir=cmp', '--models=sisa,softmax,paper'])
+    cp.main(TINY + flags + ['--seeds=1', '--out_dir=cmp', '--models=sisa,softmax,paper', '--lambda_fixed'])
     table = capsys.readouterr().out
+    assert '2 steps, 1 seed (median' in table
+    assert "| SISA, lambda fixed " in table and "| SISA, paper's offset, lambda fixed" in table
+    assert "| Transformer " in table  # lambda is SISA's alone
     assert all(row in table for row in ('steps to 90% recall at 64', 'steps to 99% recall at 128',
                                         'final recall at 128'))
 

@@ -143,7 +143,9 @@ CHECKPOINT_KEYS = {'model', 'model_args', 'meta'}  # what every reader of a chec
 
 def load_checkpoint(path):
     if not os.path.exists(path):
-        raise prepare_data.DataError(f'no checkpoint at {path}; train one first with python train.py')
+        out_dir = os.path.dirname(os.path.normpath(path))
+        where = '' if out_dir == TrainConfig.out_dir else f' --out_dir={out_dir}'
+        raise prepare_data.DataError(f'no checkpoint at {path}; train one first with python train.py{where}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -399,7 +401,8 @@ def train(cfg, quiet=False):
     ctrl_c.restore()
     if master and ctrl_c.pressed:  # a finished run was saved by its last evaluation
         checkpoint()
-        print(f'interrupted: saved step {iter_num} to {ckpt_path}; continue with --init_from=resume')
+        where = '' if cfg.out_dir == TrainConfig.out_dir else f' --out_dir={cfg.out_dir}'
+        print(f'interrupted: saved step {iter_num} to {ckpt_path}; continue with --init_from=resume{where}')
     elif master and not quiet and saved not in (None, iter_num):  # --always_save_checkpoint=False
         print(f'{ckpt_path} holds step {saved}, whose val loss {best_val_loss:.4f} no later step beat')
     if master and cfg.sample_tokens and not quiet and not ctrl_c.pressed:
