@@ -8,7 +8,8 @@ $ torchrun --standalone --nproc_per_node=2 bench.py --shape=152m --attention=sis
 
 Each model is timed in a fresh process, so neither inherits the other's compilation caches or
 allocator state: the figure is the one the model gets when timed alone. It takes train.py's flags
-(the model, the batch, --dtype, --compile, --kernel) and those below.
+for the data, the model, the optimizer and the device (a training config file too: its schedule,
+evaluation and checkpoint settings are passed over), then its own, from --shape on.
 """
 import dataclasses
 import math
@@ -41,8 +42,12 @@ SHAPES = {
 
 @dataclass
 class BenchConfig(TrainConfig):
+    # train.py's flags that a benchmark on random tokens, at learning rate 0, does not read: not flags here
+    unused = ('out_dir', 'init_from', 'eval_interval', 'eval_iters', 'eval_needles', 'always_save_checkpoint',
+              'overwrite', 'gradient_accumulation_steps', 'learning_rate', 'max_iters', 'warmup_iters', 'min_lr',
+              'sample_tokens')
     shape: str = opt('', f"'' (the flags as given), or one of {', '.join(SHAPES)}: see SHAPES in bench.py")
-    iters: int = opt(20, 'timed steps per model (in 5 windows; the median counts)')
+    iters: int = opt(20, 'timed steps per model, in 5 windows of iters // 5 steps (at least 1); the median counts')
     repeats: int = opt(1, 'times each model is timed, alternating, each in a fresh process; the median counts')
     half_life: float = opt(0.0, "every SISA head's decay half-life in tokens (0: as initialized, ~100)")
     vocab_size: int = opt(0, "vocabulary of the random tokens (0: the dataset's)")

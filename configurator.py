@@ -31,9 +31,14 @@ def check_values(cfg, positive=(), non_negative=(), choices={}):
             raise ValueError(f"--{name} must be one of {', '.join(map(repr, allowed))}; got {getattr(cfg, name)!r}")
 
 
+def flag_fields(cls):
+    """cls's fields that are flags: all but those it inherits and does not read (cls.unused, a tuple of names)."""
+    return [f for f in dataclasses.fields(cls) if f.name not in getattr(cls, 'unused', ())]
+
+
 def print_help(cls, doc):
     print(doc)
-    fields = dataclasses.fields(cls)
+    fields = flag_fields(cls)
     names = [f'--{f.name}={f.default if str(f.default).isprintable() else repr(f.default)}' for f in fields]
     width = min(32, max(map(len, names)))  # a longer default (a url) puts its help on the next line
     for name, f in zip(names, fields):
@@ -61,7 +66,7 @@ def read_pairs(arg, fields):
 
 def parse_flags(cls, argv, doc):
     """--name=value flags (and optional config files) over the defaults of dataclass cls."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in flag_fields(cls)}
     values = {}
     for arg in argv:
         if arg in ('-h', '--help'):
@@ -72,6 +77,8 @@ def parse_flags(cls, argv, doc):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
         for name, value in read_pairs(arg, fields):
+            if name in getattr(cls, 'unused', ()) and not arg.startswith('--'):
+                continue  # a training config file read by bench.py: its model flags count, the rest not
             if name not in fields:
                 close = difflib.get_close_matches(name, fields, n=1)
                 sys.exit(f'error: unknown flag --{name}' + (f' (did you mean --{close[0]}?)' if close else '')

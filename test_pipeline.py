@@ -33,7 +33,7 @@ import plot
 import prepare_data as pd
 import sample as sp
 import train as tr
-from configurator import parse_flags
+from configurator import flag_fields, parse_flags
 from prepare_data import DataError
 from sisa import GPT, GPTConfig
 from test_sisa import HAS_TRITON, device, fast_model, kernels  # noqa: F401 (device: the fixture of every device here)
@@ -297,6 +297,7 @@ def test_main_prints_data_error_without_traceback(tmp_path, capsys):
 
 TINY = ['--block_size=64', '--n_layer=1', '--n_head=2', '--n_embd=32', '--d_state=4', '--batch_size=4',
         '--eval_iters=1', '--eval_needles=10', '--sample_tokens=0', '--warmup_iters=2', '--device=cpu']
+BENCH_TINY = [f for f in TINY if f[2:].split('=')[0] not in bench.BenchConfig.unused]  # the model, not the schedule
 
 
 @pytest.fixture
@@ -732,7 +733,7 @@ def test_help_describes_every_flag_in_aligned_columns(capsys):
                 assert text.strip() and (len(parts) == 1 or parts[1].strip()), line
                 columns.add(start)
                 described += 1
-        assert described == len(dataclasses.fields(cls)) and len(columns) == 1, cls.__name__
+        assert described == len(flag_fields(cls)) and len(columns) == 1, cls.__name__
 
 
 def test_the_learning_rate_rises_from_above_zero_to_its_peak_then_falls_to_min_lr():
@@ -852,7 +853,7 @@ def test_compare_names_a_model_it_does_not_know(workdir):
 
 
 def test_bench_times_both_models_and_prints_their_ratio(workdir, capsys):
-    results = bench.benchmark(parse_flags(bench.BenchConfig, TINY + ['--iters=5', '--half_life=4'], ''))
+    results = bench.benchmark(parse_flags(bench.BenchConfig, BENCH_TINY + ['--iters=5', '--half_life=4'], ''))
     out = capsys.readouterr().out
     assert sorted(results) == ['sisa', 'softmax'] and all(r['tok_s'] > 0 for r in results.values())
     assert abs(results['sisa']['params'] - results['softmax']['params']) <= 3 * 32  # matched to one unit of d_ff
@@ -1312,7 +1313,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
 
 
 def test_bench_repeats_alternate_the_models_and_report_the_median_run(workdir, capsys):
-    results = bench.benchmark(parse_flags(bench.BenchConfig, TINY + ['--iters=5', '--repeats=3'], ''))
+    results = bench.benchmark(parse_flags(bench.BenchConfig, BENCH_TINY + ['--iters=5', '--repeats=3'], ''))
     out = capsys.readouterr().out
     timed = [line.split(':')[0].strip() for line in out.splitlines() if 'tok/s' in line and 'params' in line]
     assert timed == ['sisa', 'softmax'] * 3
@@ -1329,6 +1330,20 @@ def test_a_bench_shape_sets_its_flags_and_flags_given_win(workdir, capsys):
     bench.main(flags)
     header = capsys.readouterr().out.splitlines()[0]
     assert 'batch 2 x 32, 1 x 32, d_state 16, vocab 65' in header  # d_state, vocab from the shape; the rest given
+
+
+def test_bench_lists_and_takes_only_the_training_flags_it_reads(workdir, capsys):
+    exit_message(bench.main, ['--help'])
+    listed = {line.split('=')[0].strip() for line in capsys.readouterr().out.splitlines() if line.startswith('  --')}
+    assert {'--n_layer', '--dtype', '--weight_decay', '--iters'} <= listed
+    assert not listed & {'--out_dir', '--max_iters', '--eval_interval', '--learning_rate', '--sample_tokens'}
+    got = exit_message(bench.main, ['--max_iters=3'])
+    assert got.startswith('error: unknown flag --max_iters (did you mean --iters?)')
+    # a training config file sets the model; its schedule and evaluation are not the benchmark's
+    open('train_config.py', 'w').write('max_iters = 5000\neval_interval = 100\nn_layer = 1\n')
+    cfg = parse_flags(bench.BenchConfig, ['train_config.py'], '')
+    assert cfg.n_layer == 1 and cfg.given == {'n_layer'}
+    assert parse_flags(tr.TrainConfig, ['train_config.py'], '').max_iters == 5000  # train.py reads them all
 
 
 def test_the_lab_config_sets_the_lab_in_train_and_compare():
