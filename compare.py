@@ -29,6 +29,8 @@ TITLES = {'sisa': 'SISA', 'softmax': 'Transformer', 'paper': "SISA, paper's offs
 
 @dataclass
 class CompareConfig(TrainConfig):
+    unused = ('init_from', 'sample_tokens', 'attention', 'sisa_offset')  # each run's come from --models
+    out_dir: str = opt('out', 'each run goes to out_dir/<model>_seed<seed>/, the table to out_dir/compare.json')
     models: str = opt('sisa,softmax', "models from 'sisa', 'softmax', 'paper' (SISA with the paper's offset)")
     seeds: int = opt(3, 'seeds per model')
     jobs: int = opt(1, 'runs trained at once, each in its own process (small models leave a GPU idle)')

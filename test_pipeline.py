@@ -298,6 +298,7 @@ def test_main_prints_data_error_without_traceback(tmp_path, capsys):
 TINY = ['--block_size=64', '--n_layer=1', '--n_head=2', '--n_embd=32', '--d_state=4', '--batch_size=4',
         '--eval_iters=1', '--eval_needles=10', '--sample_tokens=0', '--warmup_iters=2', '--device=cpu']
 BENCH_TINY = [f for f in TINY if f[2:].split('=')[0] not in bench.BenchConfig.unused]  # the model, not the schedule
+COMPARE_TINY = [f for f in TINY if f[2:].split('=')[0] not in cp.CompareConfig.unused]
 
 
 @pytest.fixture
@@ -827,7 +828,7 @@ def test_eval_needles_zero_trains_without_needle_evaluation(workdir):
 
 def test_compare_in_parallel_processes_gives_the_table_of_one_after_another(workdir, capsys):
     # every (model, seed) run of compare.py in its own process: the same runs, the same table
-    flags = TINY + ['--seeds=2', '--max_iters=4', '--eval_interval=2']
+    flags = COMPARE_TINY + ['--seeds=2', '--max_iters=4', '--eval_interval=2']
     tables = {}
     for jobs in (1, 2):
         cp.main(flags + [f'--jobs={jobs}', f'--out_dir=jobs{jobs}'])
@@ -848,7 +849,7 @@ def test_compare_in_parallel_processes_gives_the_table_of_one_after_another(work
 
 
 def test_compare_names_a_model_it_does_not_know(workdir):
-    got = exit_message(cp.main, TINY + ['--models=sisa,rnn'])
+    got = exit_message(cp.main, COMPARE_TINY + ['--models=sisa,rnn'])
     assert '--models' in got and "'sisa,rnn'" in got and '\n' not in got
 
 
@@ -1050,7 +1051,7 @@ def test_train_compare_and_sample_run_associative_recall(workdir, capsys):
     assert total == 2 * 64 // 16 and sum(l.count('? ') for l in lines[:-1]) == total
     assert sum(l.count('(wrong: ') for l in lines[:-1]) == total - right
     assert 'reads no text' in exit_message(sp.main, ['--start=k1'])
-    cp.main(TINY + flags + ['--seeds=1', '--out_dir=cmp', '--models=sisa,softmax,paper', '--lambda_fixed'])
+    cp.main(COMPARE_TINY + flags + ['--seeds=1', '--out_dir=cmp', '--models=sisa,softmax,paper', '--lambda_fixed'])
     table = capsys.readouterr().out
     assert '2 steps, 1 seed (median' in table
     assert "| SISA, lambda fixed " in table and "| SISA, paper's offset, lambda fixed" in table
