@@ -78,7 +78,7 @@ def parse_flags(cls, argv, doc):
             sys.exit(0)
         for name, value in read_pairs(arg, fields):
             if name in getattr(cls, 'unused', ()) and not arg.startswith('--'):
-                continue  # a training config file read by bench.py: its model flags count, the rest not
+                continue  # a training config file read by bench.py or compare.py: what they read counts
             if name not in fields:
                 close = difflib.get_close_matches(name, fields, n=1)
                 sys.exit(f'error: unknown flag --{name}' + (f' (did you mean --{close[0]}?)' if close else '')
