@@ -45,7 +45,7 @@ class BenchConfig(TrainConfig):
     # train.py's flags that a benchmark on random tokens, at learning rate 0, does not read: not flags here
     unused = ('out_dir', 'init_from', 'eval_interval', 'eval_iters', 'eval_needles', 'always_save_checkpoint',
               'overwrite', 'gradient_accumulation_steps', 'learning_rate', 'max_iters', 'warmup_iters', 'min_lr',
-              'sample_tokens')
+              'sample_tokens', 'lambda_fixed')
     shape: str = opt('', f"'' (the flags as given), or one of {', '.join(SHAPES)}: see SHAPES in bench.py")
     iters: int = opt(20, 'timed steps per model, in 5 windows of iters // 5 steps (at least 1); the median counts')
     repeats: int = opt(1, 'times each model is timed, alternating, each in a fresh process; the median counts')
