@@ -180,15 +180,17 @@ def compare(cfg):
     runs = {m: [results[m, s] for s in range(cfg.seeds)] for m in cfg.models.split(',')}
     with open(os.path.join(cfg.out_dir, 'compare.json'), 'w') as f:
         json.dump(dict(config=dataclasses.asdict(cfg), runs=runs), f)
-    seeds = f"{cfg.seeds} seed{'s' * (cfg.seeds > 1)}"
-    print(f"\n{cfg.dataset}, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.max_iters} steps, {seeds} "
-          f"(median [min, max])\n")
+    count = lambda n, noun: f"{n} {noun}{'s' * (n != 1)}"
+    print(f"\n{cfg.dataset}, {count(cfg.n_layer, 'layer')} x {cfg.n_embd} wide, {count(cfg.max_iters, 'step')}, "
+          f"{count(cfg.seeds, 'seed')} (median [min, max])\n")
     fixed = ', lambda fixed' * cfg.lambda_fixed  # every SISA model's, not the Transformer's
     titles = [TITLES[m] + (fixed if m != 'softmax' else '') for m in runs]
-    print(f"| {'':<30} | " + ' | '.join(f'{t:<28}' for t in titles) + ' |')
-    print(f"|{'-' * 32}|" + '|'.join('-' * 30 for _ in runs) + '|')
-    for name, values in table(cfg, runs, lengths, needle):
-        print(f'| {name:<30} | ' + ' | '.join(f'{v:<28}' for v in values) + ' |')
+    rows = table(cfg, runs, lengths, needle)
+    width = max(28, *(len(t) for t in titles), *(len(v) for _, values in rows for v in values))
+    print(f"| {'':<30} | " + ' | '.join(f'{t:<{width}}' for t in titles) + ' |')
+    print(f"|{'-' * 32}|" + '|'.join('-' * (width + 2) for _ in runs) + '|')
+    for name, values in rows:
+        print(f'| {name:<30} | ' + ' | '.join(f'{v:<{width}}' for v in values) + ' |')
     print("leak: the largest change of an earlier position's log-probabilities, and the share of earlier greedy "
           "predictions that flip, when only the last token changes. A causal model gives 0; SISA's one-call form "
           "may show rounding (about 1e-6), since its offset c is taken over the whole sequence.")

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -141,11 +142,15 @@ def pick_compile_mode(cfg, device):
 CHECKPOINT_KEYS = {'model', 'model_args', 'meta'}  # what every reader of a checkpoint takes from it
 
 
+def out_dir_flag(out_dir):
+    """' --out_dir=...' for a hint that names a command, or '' for the default folder."""
+    return '' if out_dir == TrainConfig.out_dir else f' --out_dir={shlex.quote(out_dir)}'
+
+
 def load_checkpoint(path):
     if not os.path.exists(path):
-        out_dir = os.path.dirname(os.path.normpath(path))
-        where = '' if out_dir == TrainConfig.out_dir else f' --out_dir={out_dir}'
-        raise prepare_data.DataError(f'no checkpoint at {path}; train one first with python train.py{where}')
+        raise prepare_data.DataError(f'no checkpoint at {path}; train one first with python train.py'
+                                     + out_dir_flag(os.path.dirname(os.path.normpath(path)) or '.'))
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -401,8 +406,8 @@ def train(cfg, quiet=False):
     ctrl_c.restore()
     if master and ctrl_c.pressed:  # a finished run was saved by its last evaluation
         checkpoint()
-        where = '' if cfg.out_dir == TrainConfig.out_dir else f' --out_dir={cfg.out_dir}'
-        print(f'interrupted: saved step {iter_num} to {ckpt_path}; continue with --init_from=resume{where}')
+        print(f'interrupted: saved step {iter_num} to {ckpt_path}; '
+              f'continue it with train.py --init_from=resume{out_dir_flag(cfg.out_dir)}')
     elif master and not quiet and saved not in (None, iter_num):  # --always_save_checkpoint=False
         print(f'{ckpt_path} holds step {saved}, whose val loss {best_val_loss:.4f} no later step beat')
     if master and cfg.sample_tokens and not quiet and not ctrl_c.pressed:
