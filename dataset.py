@@ -231,16 +231,21 @@ def evaluate(model, data, cfg, device, ctx, graphs=None):
     return out
 
 
+def percent(x):
+    """0.5% as '0.5%', not '0%' (one of 200 held-out needles), but 1.0 as '100%'."""
+    return f'{x:.0%}' if round(x * 100, 1) == round(x * 100) else f'{x:.1%}'
+
+
 def report(ev, bar):
     """An evaluation as one line above the progress bar."""
     msg = f"step {ev['iter']}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}"
     if 'needle_acc' in ev:
-        msg += f", needle {ev['needle_acc']:.0%}"
+        msg += f", needle {percent(ev['needle_acc'])}"
     if 'probe' in ev:
-        msg += (', probe ' + '/'.join(f'{f:.0%}' for f, _ in ev['probe'].values()) + ' first, '
-                + '/'.join(f'{w:.0%}' for _, w in ev['probe'].values()) + f" whole at {'/'.join(ev['probe'])}")
+        msg += (', probe ' + '/'.join(percent(f) for f, _ in ev['probe'].values()) + ' first, '
+                + '/'.join(percent(w) for _, w in ev['probe'].values()) + f" whole at {'/'.join(ev['probe'])}")
     if 'recall_acc' in ev:
-        msg += (', recall ' + '/'.join(f'{a:.0%}' for a in ev['recall_acc'].values())
+        msg += (', recall ' + '/'.join(percent(a) for a in ev['recall_acc'].values())
                 + f" at {'/'.join(ev['recall_acc'])}")
     if 'layers' in ev:
         msg += ', lambda ' + '/'.join(f"{np.mean(l['lam']):.2f}" for l in ev['layers'])

@@ -539,6 +539,13 @@ def test_an_evaluation_warns_where_the_importance_nears_fp16s_range_in_the_fused
     assert "near fp16's 65504" in lines[0] and '--kernel=sdpa' in lines[0]
 
 
+def test_the_training_line_shows_one_needle_right_in_two_hundred_and_whole_percents_plainly():
+    lines = []
+    ev = dict(iter=250, train_loss=0.2, val_loss=0.2, needle_acc=1 / 200, recall_acc={'64': 1.0, '256': 0.995})
+    ds.report(ev, types.SimpleNamespace(write=lines.append))
+    assert 'needle 0.5%' in lines[0] and 'recall 100%/99.5% at 64/256' in lines[0]
+
+
 def test_compile_mode_auto_takes_cuda_graphs_only_where_they_are_known_to_work(monkeypatch):
     monkeypatch.setattr(tr, 'fused_kernel', lambda kernel, where: kernel != 'sdpa')  # as on a GPU with Triton
     monkeypatch.delenv('RANK', raising=False)
