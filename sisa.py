@@ -163,7 +163,7 @@ def importance(C, B, log_alpha, theta, lam):
     exp(g_i - g_j) is split into exp(g_i - c) on the query side and exp(c - g_j)
     on the key side so that it becomes a plain dot product. The offset
     c = (max g + min g) / 2 per sequence and head centres both factors; the clamp
-    (from the working dtype, see max_decay_span) only bites when a sequence's
+    (from g's dtype, fp32 or fp64, see max_decay_span) only bites when a sequence's
     decay span exceeds what the dtype holds, and then the result is no longer
     exact: sisa_attention chunks instead.
     Args and Returns: as importance_naive.
@@ -192,7 +192,7 @@ def sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p=0.0):
     With s = d_h^(1/4) sqrt(lambda) (channel_scale), Qhat = [q ; s Cbar] and Khat = [k ; s Bbar]:
     Qhat.Khat / sqrt(d_h) = q.k / sqrt(d_h) + (s^2 / sqrt(d_h)) Cbar.Bbar, and
     s^2 / sqrt(d_h) = lambda. sdpa (end of file) is F.scaled_dot_product_attention with
-    two backend workarounds that leave the numbers as they are. The scale is passed
+    workarounds for two backends that leave the numbers as they are. The scale is passed
     explicitly because SDPA's default would be 1 / sqrt(d_h + d_s). Exact while
     exp(g - c) and exp(c - g) stay in the dtype (max_decay_span);
     sisa_attention_chunked makes sure they do.
@@ -218,15 +218,15 @@ def sisa_attention_chunked(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0):
     overflow or need the paper's clamp, which changes the scores and, as c depends on the
     last token, breaks causality. Then the queries are split into chunks that each fit,
     each chunk with its own offset: the cumulative decay at its first query. Keys from the
-    far past underflow to 0, which is their true weight. Each chunk is one SDPA call with a
-    lower-right causal mask, so a head that forgets N nats per block costs about
-    N / max_decay_span calls: fine for the short blocks of a CPU; the fused kernel does it
-    in one launch. Args, Returns: as sisa_attention below, without kernel and offset.
+    far past get an importance that underflows to 0, its true value (their q.k stays). Each
+    chunk is one SDPA call with a lower-right causal mask, so a head that forgets N nats per
+    block costs about N / max_decay_span calls: fine for the short blocks of a CPU; the fused
+    kernel does it in one launch. Args, Returns: as sisa_attention below, without kernel and offset.
     """
     g, RC, RB = ssm_channels(C, B, log_alpha, theta)
     span = g[..., 0] - g[..., -1]  # (b, h); g never increases
     limit = max_decay_span(q.dtype)
-    if q.device.type == 'meta' or span.max() <= limit:  # one call (meta: no values, same shapes)
+    if q.device.type == 'meta' or span.max() <= limit:  # one call (meta: shapes without values, as a test traces)
         c = ((g[..., 0] + g[..., -1]) / 2)[..., None, None]  # the midpoint: both factors in range
         return sisa_attention_sdpa(q, k, v, g, RC, RB, lam, c, dropout_p)
     s = channel_scale(lam, q.size(-1), g.dtype)
@@ -275,8 +275,8 @@ def fused_kernel(kernel, device):
     """Whether sisa_attention runs sisa_kernel.py's fused kernel (attention dropout too) instead of the SDPA form.
 
     'sdpa': never. 'auto': on CUDA (compute capability 7.0 or newer) where Triton is installed.
-    'triton': always, and a clear error where it cannot run (CUDA, or the CPU under
-    TRITON_INTERPRET=1, Triton's interpreter, which the tests use): never a silent fallback.
+    'triton': always; it runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (Triton's interpreter,
+    which the tests use), and anywhere else is a clear error, never a silent fallback.
     """
     if kernel not in ('auto', 'triton', 'sdpa'):
         raise ValueError(f"kernel must be 'auto', 'triton' or 'sdpa', got {kernel!r}")
@@ -318,7 +318,7 @@ def paper_attention(q, k, v, C, B, log_alpha, theta, lam, dropout_p=0.0, bound=1
 # is SISA or, with attention='softmax', the plain parameter-matched baseline.
 
 @dataclass
-class GPTConfig:  # defaults: nanoGPT's tiny Shakespeare shape; train.py's (TrainConfig) are a smaller model
+class GPTConfig:  # layers, heads, width, block: nanoGPT's tiny Shakespeare model; train.py's defaults are smaller
     block_size: int = 256
     vocab_size: int = 50304
     n_layer: int = 6
@@ -328,7 +328,7 @@ class GPTConfig:  # defaults: nanoGPT's tiny Shakespeare shape; train.py's (Trai
     attention: str = 'sisa'    # 'sisa' or 'softmax'
     dropout: float = 0.0
     bias: bool = False         # bias in Linear layers
-    d_ff: int = 0              # the Transformer's SwiGLU width (0: 8d/3); SISA shrinks its own to match
+    d_ff: int = 0              # the Transformer's SwiGLU width (0: 8d/3 rounded up to 8); SISA shrinks its own to match
     kernel: str = 'auto'       # SISA attention: 'auto', 'triton' or 'sdpa' (see fused_kernel)
     sisa_offset: str = 'exact' # 'exact', or 'paper': the paper's clamped offset (paper_attention), an ablation
     short_conv: int = 0        # width of a causal convolution before each attention (ShortConv); 0: none
@@ -339,7 +339,7 @@ class GPTConfig:  # defaults: nanoGPT's tiny Shakespeare shape; train.py's (Trai
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if self.d_ff < 0:
-            raise ValueError(f"d_ff must be >= 0 (0: 8 n_embd / 3), got {self.d_ff}")
+            raise ValueError(f"d_ff must be >= 0 (0: 8 n_embd / 3 rounded up to a multiple of 8), got {self.d_ff}")
         if self.short_conv < 0 or self.short_conv == 1:
             raise ValueError(f"short_conv must be 0 (none) or a width >= 2, got {self.short_conv}")
         if self.n_embd % self.n_head != 0:
@@ -361,9 +361,10 @@ class GPTConfig:  # defaults: nanoGPT's tiny Shakespeare shape; train.py's (Trai
         return [h * d_s, h * d_s, h, h * d_s // 2]
 
     def ffn_hidden(self):
-        """SwiGLU width. The baseline uses d_ff, or 8d/3 (rounded to 8), the usual match for a 4d GELU MLP.
+        """SwiGLU width. The baseline uses d_ff, or 8d/3 (rounded up to 8), the usual match for a 4d GELU MLP.
         SISA gives back what its SSM projections cost, so both models have the same size:
-        2 d h d_s + d h + h + d h d_s / 2 + h per layer (W_B, W_C, w_a, b_a, W_theta, lambda)."""
+        2 d h d_s + d h + h + d h d_s / 2 + h parameters per layer (W_B, W_C, w_a, b_a, W_theta, lambda),
+        at 3d a SwiGLU unit, rounded to whole units (a layer's two counts differ by at most half a unit)."""
         d = self.n_embd
         d_ff = self.d_ff or 8 * ((8 * d // 3 + 7) // 8)
         ssm = sum(self.ssm_widths())
@@ -394,6 +395,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         if self.sisa:
             # b_a = -5: alpha = exp(-softplus(-5)) ~ 0.9933, a half-life of about 100 tokens
+            # (with bias=True, c_ssm's bias on a's column adds a second b_a: redundant, harmless)
             self.a_bias = nn.Parameter(torch.full((config.n_head,), -5.0))
             # lambda = softplus(lambda_raw) ~ 0.31, fp32 under autocast too (a test holds it)
             self.lambda_raw = nn.Parameter(torch.full((config.n_head,), math.log(math.expm1(0.31))))
@@ -468,10 +470,11 @@ class CausalSelfAttention(nn.Module):
         cache['g'] = torch.cat([cache['g'], g_i], dim=-1)          # (b, h, n)
         k, v, RB = self.update_cache(cache, k=k, v=v, RB=rotate(B.float(), phi_i))
         s = channel_scale(lam, self.head_dim, lam.dtype)
-        Cbar = s * rotate(C.float(), phi_i)                                    # offset c = g_i
-        Bbar = s * (g_i[..., None] - cache['g'][..., None]).exp() * RB          # (b, h, n, d_s)
-        Qhat = torch.cat([q, Cbar.to(q.dtype)], dim=-1)
-        Khat = torch.cat([k, Bbar.to(k.dtype)], dim=-1)
+        # the offset c = g_i: exp(g_i - c) = 1 on the query side, exp(g_i - g_j) <= 1 on the keys'
+        sCbar = s * rotate(C.float(), phi_i)                                   # (b, h, 1, d_s)
+        sBbar = s * (g_i[..., None] - cache['g'][..., None]).exp() * RB         # (b, h, n, d_s)
+        Qhat = torch.cat([q, sCbar.to(q.dtype)], dim=-1)
+        Khat = torch.cat([k, sBbar.to(k.dtype)], dim=-1)
         return sdpa(Qhat, Khat, v, scale=1 / math.sqrt(self.head_dim))
 
     @torch.no_grad()
@@ -663,10 +666,11 @@ class GPT(nn.Module):
 # Backend workarounds: the same numbers, in the shapes the fast kernels want.
 
 def sdpa(q, k, v, **kwargs):
-    """F.scaled_dot_product_attention, for keys wider than values.
+    """F.scaled_dot_product_attention, for keys wider than values and for masked calls on CUDA.
 
     CPU's fused kernel wants v as wide as q and k, or falls back to the slower math path,
     so on the CPU v gets zero columns, which add nothing to the output, dropped after.
+    On CUDA a call with attn_mask (the chunked form's) runs the math backend (below).
     """
     d_v = v.size(-1)
     if q.device.type == 'cuda' and kwargs.get('attn_mask') is not None:

@@ -58,7 +58,7 @@ class TrainConfig:
     n_embd: int = opt(64, 'model width')
     d_state: int = opt(4, 'SSM channel width per head (even; 4 at this tiny width: 16 would cost 62% of the FFN)')
     attention: str = opt('sisa', "'sisa' or 'softmax' (the parameter-matched Transformer)")
-    d_ff: int = opt(0, "the Transformer's SwiGLU width (0: 8 n_embd / 3); SISA's shrinks to match its size")
+    d_ff: int = opt(0, "the Transformer's SwiGLU width (0: 8 n_embd / 3 rounded up to 8); SISA's shrinks to match")
     kernel: str = opt('auto', "SISA attention: 'auto' (fused Triton kernel on CUDA), 'triton' or 'sdpa'")
     dropout: float = opt(0.0, 'dropout')
     bias: bool = opt(False, 'bias in Linear layers')
