@@ -37,7 +37,8 @@ class Data:
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
         if not os.path.exists(os.path.join(self.dir, 'train.bin')):
-            offline = (f' (offline, from a local copy: python prepare_data.py --input=path/to/input.txt '
+            gpt2 = ' --tokenizer=gpt2' if cfg.dataset == 'shakespeare' else ''
+            offline = (f' (offline, from a local copy: python prepare_data.py --input=path/to/input.txt{gpt2} '
                        f'--name={cfg.dataset})' if cfg.dataset.startswith('shakespeare') else '')
             raise prepare_data.DataError(f'no dataset in {self.dir}; prepare it first with: '
                                          f'python prepare_data.py --dataset={cfg.dataset}{offline}')

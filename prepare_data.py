@@ -88,7 +88,10 @@ def load_meta(data_dir):
                f'python prepare_data.py --input=path/to/file.txt --name={name}')
         raise DataError(f'no meta.pkl in {data_dir}; prepare the dataset first with: {cmd}')
     with open(path, 'rb') as f:
-        return pickle.load(f)
+        meta = pickle.load(f)
+    if 'tokenizer' not in meta and 'stoi' in meta:  # nanoGPT's shakespeare_char/prepare.py wrote it
+        meta['tokenizer'] = 'char'
+    return meta
 
 def write_split(data_dir, split, ids):
     # uint16 is what nanoGPT memmaps; fine for GPT-2's 50257 tokens and for any char vocab we allow

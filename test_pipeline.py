@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import socket
 import string
@@ -412,6 +413,24 @@ def test_sample_loads_a_compiled_models_checkpoint_and_decodes(workdir, capsys):
     assert not os.path.exists('out/ckpt.pt.tmp')
 
 
+def test_a_char_dataset_prepared_by_nanogpt_trains_and_samples(workdir, capsys):
+    # nanoGPT's data/shakespeare_char/prepare.py writes train.bin and val.bin as uint16, as here, and a
+    # meta.pkl of vocab_size, itos and stoi with no 'tokenizer'
+    text = 'to be, or not to be: that is the question.\n' * 40
+    chars = sorted(set(text))
+    stoi, itos = {c: i for i, c in enumerate(chars)}, dict(enumerate(chars))
+    os.makedirs('data/nano_char')
+    for split, part in (('train', text[:1400]), ('val', text[1400:])):
+        np.array([stoi[c] for c in part], dtype=np.uint16).tofile(f'data/nano_char/{split}.bin')
+    with open('data/nano_char/meta.pkl', 'wb') as f:
+        pickle.dump(dict(vocab_size=len(chars), itos=itos, stoi=stoi), f)
+    run_train('--dataset=nano_char', '--max_iters=2', '--eval_interval=2', '--out_dir=nano')
+    sp.main(['--out_dir=nano', '--start=to be', '--num_samples=1', '--max_new_tokens=5', '--seed=1'])
+    out = capsys.readouterr().out
+    sample = out[out.index('to be'):out.index('\n---------------')]  # the sample ends at its separator line
+    assert len(sample) == len('to be') + 5 and set(sample) <= set(chars)
+
+
 def test_bad_inputs_get_clear_messages(workdir, monkeypatch):
     def exits(fn, *args):
         with pytest.raises(SystemExit) as e:
@@ -422,6 +441,8 @@ def test_bad_inputs_get_clear_messages(workdir, monkeypatch):
     assert 'python prepare_data.py --dataset=shakespeare_char' in exits(tr.main, ['--dataset=shakespeare_char',
                                                                               '--out_dir=out-nodata'])
     assert not os.path.exists('out-nodata')  # a run that cannot start leaves no folder behind
+    assert ('--input=path/to/input.txt --tokenizer=gpt2 --name=shakespeare)'  # GPT-2's tokens, as its name says
+            in exits(tr.main, ['--dataset=shakespeare']))
     assert 'too few for block_size' in exits(tr.main, TINY + ['--block_size=100000'])
     assert 'd_state' in exits(tr.main, TINY + ['--d_state=3'])
     assert exits(tr.main, TINY + ['--init_from=resume', '--out_dir=nothing']).endswith(
