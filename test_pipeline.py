@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import re
+import signal
 import socket
 import string
 import subprocess
@@ -348,9 +349,35 @@ def test_without_always_save_the_checkpoint_keeps_the_best_val_step_and_says_so(
     iters[:] = [20, 30, 40]  # resumed from step 10: the best val loss comes with it
     tr.main(TINY + ['--attention=softmax', '--init_from=resume', '--max_iters=40', '--eval_interval=10'])
     assert (tr.load_checkpoint('out/ckpt.pt')['iter_num'], iters) == (10, [])
+    # the first run's steps 20 and 30 left the log: the resumed run redid them from step 10
+    assert [json.loads(line)['iter'] for line in open('out/log.jsonl')] == [0, 10, 20, 30, 40]
     iters[:] = [0, 10, 20, 30]  # the default: a checkpoint at every evaluation, and no such line
     tr.main(TINY + ['--attention=softmax', '--max_iters=30', '--eval_interval=10', '--out_dir=every'])
     assert tr.load_checkpoint('every/ckpt.pt')['iter_num'] == 30 and 'holds step' not in capsys.readouterr().out
+
+
+def test_ctrl_c_without_always_save_keeps_the_best_val_checkpoint(workdir, monkeypatch, capsys):
+    val = {0: 3.0, 10: 2.0, 20: 2.5}
+    def evaluate(model, data, cfg, *args):
+        step = iters.pop(0)
+        if step == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during this step's evaluation
+        return dict(train_loss=1.0, val_loss=val[step])
+    monkeypatch.setattr(tr, 'evaluate', evaluate)
+    flags = TINY + ['--attention=softmax', '--max_iters=50', '--eval_interval=10', '--always_save_checkpoint=False']
+    iters, stop_at = [0, 10, 20], 20
+    with pytest.raises(SystemExit) as e:
+        tr.main(flags)
+    assert e.value.code == 130 and iters == []
+    ckpt = tr.load_checkpoint('out/ckpt.pt')
+    assert (ckpt['iter_num'], ckpt['best_val_loss']) == (10, 2.0)  # not step 20's worse weights
+    assert ('interrupted at step 20: out/ckpt.pt keeps step 10, the best val loss so far (2.0000); '
+            'continue from there with train.py --init_from=resume') in capsys.readouterr().out
+    iters, stop_at = [0], 0  # interrupted before any checkpoint: there is none to keep, so it saves
+    with pytest.raises(SystemExit):
+        tr.main(flags + ['--out_dir=early'])
+    assert tr.load_checkpoint('early/ckpt.pt')['iter_num'] == 0
+    assert 'interrupted: saved step 0 to early/ckpt.pt' in capsys.readouterr().out
 
 
 def test_training_lowers_the_loss_and_logs_sisa_diagnostics(workdir):

@@ -267,6 +267,16 @@ def resumed(cfg, ckpt_path):
     return dataclasses.replace(cfg, **{k: v for k, v in ckpt['config'].items() if k in keep}), ckpt
 
 
+def trim_log(log_path, last_iter):
+    """Keep the evaluations up to last_iter, the step a resumed run starts from (-1: a new run, none):
+    a checkpoint that kept an earlier best val step leaves later lines behind, which the run redoes."""
+    if not os.path.exists(log_path):
+        return
+    lines = [line for line in open(log_path) if json.loads(line)['iter'] <= last_iter]
+    with open(log_path, 'w') as f:
+        f.writelines(lines)
+
+
 def check_out_dir(out_dir, rank):
     try:  # fail now, not after an evaluation interval of training
         os.makedirs(out_dir, exist_ok=True)
@@ -353,16 +363,18 @@ def train(cfg, quiet=False):
 
     ctrl_c = CtrlC(ddp, device)
     history, log_path = [], os.path.join(cfg.out_dir, 'log.jsonl')
-    if not ckpt and master and os.path.exists(log_path):
-        os.remove(log_path)
+    if master:
+        trim_log(log_path, ckpt['iter_num'] if ckpt else -1)
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or quiet, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not redraws
-    t0, tokens_seen, saved = time.time(), 0, None
+    t0, eval_time, tokens_seen, saved = time.time(), 0.0, 0, None
     while True:
         last = iter_num >= cfg.max_iters
         resumed_here = ckpt and iter_num == ckpt['iter_num'] and not last  # the step a resumed run starts from
         if master and (iter_num % cfg.eval_interval == 0 or last) and not resumed_here:
+            t_eval = time.time()
             ev = evaluate(raw_model, data, cfg, device, ctx)
+            eval_time += time.time() - t_eval
             history.append(dict(iter=iter_num, lr=lr_at(iter_num, cfg), **ev, time=round(time.time() - t0, 1)))
             with open(log_path, 'a') as f:
                 f.write(json.dumps(history[-1]) + '\n')
@@ -397,17 +409,21 @@ def train(cfg, quiet=False):
         iter_num += 1
         tokens_seen += tokens_per_iter
         if master and (iter_num % 10 == 0 or iter_num == 1):
-            rate = tokens_seen / (time.time() - t0)
+            rate = tokens_seen / (time.time() - t0 - eval_time)  # training's rate, evaluations left out
             mfu = estimate_mfu(raw_model, rate / world, device, dtype)
             bar.set_postfix(loss=f'{loss.item() * micro_steps:.4f}', tok_s=f'{rate:,.0f}',
                             mfu='n/a' if mfu is None else f'{mfu:.1%}', refresh=False)
         bar.update(1)
     bar.close()
     ctrl_c.restore()
-    if master and ctrl_c.pressed:  # a finished run was saved by its last evaluation
+    resume = f'train.py --init_from=resume{out_dir_flag(cfg.out_dir)}'
+    best_kept = not cfg.always_save_checkpoint and (saved is not None or ckpt is not None)
+    if master and ctrl_c.pressed and best_kept:  # the checkpoint keeps the best val's weights, as asked
+        print(f'interrupted at step {iter_num}: {ckpt_path} keeps step {ckpt["iter_num"] if saved is None else saved}, '
+              f'the best val loss so far ({best_val_loss:.4f}); continue from there with {resume}')
+    elif master and ctrl_c.pressed:  # a finished run was saved by its last evaluation
         checkpoint()
-        print(f'interrupted: saved step {iter_num} to {ckpt_path}; '
-              f'continue it with train.py --init_from=resume{out_dir_flag(cfg.out_dir)}')
+        print(f'interrupted: saved step {iter_num} to {ckpt_path}; continue it with {resume}')
     elif master and not quiet and saved not in (None, iter_num):  # --always_save_checkpoint=False
         print(f'{ckpt_path} holds step {saved}, whose val loss {best_val_loss:.4f} no later step beat')
     if master and cfg.sample_tokens and not quiet and not ctrl_c.pressed:
