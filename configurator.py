@@ -36,6 +36,19 @@ def flag_fields(cls):
     return [f for f in dataclasses.fields(cls) if f.name not in getattr(cls, 'unused', ())]
 
 
+def foreign_setting(cls, name, value, where):
+    """A setting nanoGPT has and cls does not (cls.nanogpt: {name: what happens here}): a note, and it is
+    skipped, unless cls.nanogpt_as_here names the one value that does what happens here and it has another:
+    then exit. False for any other name."""
+    if name not in getattr(cls, 'nanogpt', {}):
+        return False
+    as_here = getattr(cls, 'nanogpt_as_here', {})
+    if name in as_here and convert(name, value, type(as_here[name])) != as_here[name]:
+        sys.exit(f"error: {where} is nanoGPT's, with no counterpart here: {cls.nanogpt[name]}")
+    print(f"note: {where} is nanoGPT's, ignored here: {cls.nanogpt[name]}")
+    return True
+
+
 def print_help(cls, doc):
     print(doc)
     fields = flag_fields(cls)
@@ -76,12 +89,17 @@ def parse_flags(cls, argv, doc):
             except BrokenPipeError:  # --help | head: the reader stopped; say nothing more at exit
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
+        from_file = not arg.startswith('--')
         for name, value in read_pairs(arg, fields):
-            if name in getattr(cls, 'unused', ()) and not arg.startswith('--'):
+            if name in getattr(cls, 'unused', ()) and from_file:
                 continue  # a training config file read by bench.py or compare.py: what they read counts
+            where = f'{name} (in {arg})' if from_file else f'--{name}'
+            if name not in fields and foreign_setting(cls, name, value, where):
+                continue
             if name not in fields:
                 close = difflib.get_close_matches(name, fields, n=1)
-                sys.exit(f'error: unknown flag --{name}' + (f' (did you mean --{close[0]}?)' if close else '')
+                sys.exit((f'error: {where} is not a flag' if from_file else f'error: unknown flag {where}')
+                         + (f' (did you mean --{close[0]}?)' if close else '')
                          + f'; python {os.path.basename(sys.argv[0])} --help lists them')
             values[name] = convert(name, value, type(fields[name].default))
     try:

@@ -30,6 +30,12 @@ class SampleConfig:
     dtype: str = opt('auto', "'auto' (as train.py: bf16 on CUDA, fp16 where bf16 is unsupported, else fp32), "
                              "'float32', 'bfloat16', 'float16'")
 
+    # nanoGPT's flags that sample.py has not (configurator.foreign_setting)
+    nanogpt = dict(init_from="the model comes from out_dir/ckpt.pt, as nanoGPT's init_from='resume'; GPT-2's "
+                             "weights are not loaded here",
+                   compile='sampling runs eager: each step is one token on cached keys')
+    nanogpt_as_here = dict(init_from='resume')
+
     def __post_init__(self):
         self.dtype = DTYPES.get(self.dtype, self.dtype)
         check_values(self, positive=('num_samples', 'max_new_tokens'), non_negative=('temperature', 'top_k'),

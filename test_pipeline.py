@@ -778,6 +778,38 @@ def test_a_config_file_may_say_compile_false_as_nanogpts_do(tmp_path):
     assert tr.use_compile(parse_flags(tr.TrainConfig, ['--compile=True'], ''), torch.device('cpu'))
 
 
+NANOGPT_STYLE = '''# a config file as nanoGPT's users write them, with settings this project has no flag for
+n_layer, n_head, n_embd, block_size, dropout = 6, 6, 384, 256, 0.2
+max_iters = 5000
+log_interval = 10
+wandb_log = False
+wandb_project = 'tiny'
+wandb_run_name = 'first'
+lr_decay_iters = 5000
+'''
+
+
+def test_a_nanogpt_config_file_runs_and_its_settings_without_a_counterpart_say_so(tmp_path, capsys):
+    path = tmp_path / 'train_tiny.py'
+    path.write_text(NANOGPT_STYLE)
+    cfg = parse_flags(tr.TrainConfig, [str(path), '--decay_lr=True'], '')
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.dropout, cfg.max_iters) == (6, 384, 256, 0.2, 5000)
+    notes = capsys.readouterr().out.splitlines()
+    assert [n.split(' ')[1] for n in notes] == ['log_interval', 'wandb_log', 'wandb_project', 'wandb_run_name',
+                                                 'lr_decay_iters', '--decay_lr']
+    assert notes[4] == (f"note: lr_decay_iters (in {path}) is nanoGPT's, ignored here: the cosine decays over "
+                        "--max_iters")
+    # a value that asks for another run stops it; so does a name that is no one's
+    assert "--eval_only is nanoGPT's, with no counterpart here" in exit_message(
+        lambda a: parse_flags(tr.TrainConfig, a, ''), ['--eval_only=True'])
+    assert "--decay_lr is nanoGPT's, with no counterpart here" in exit_message(
+        lambda a: parse_flags(tr.TrainConfig, a, ''), ['--decay_lr=False'])
+    assert "--init_from is nanoGPT's, with no counterpart here" in exit_message(sp.main, ['--init_from=gpt2'])
+    path.write_text('eval_intervall = 3\n')
+    assert f'eval_intervall (in {path}) is not a flag (did you mean --eval_interval?)' in exit_message(
+        lambda a: parse_flags(tr.TrainConfig, a, ''), [str(path)])
+
+
 def test_help_describes_every_flag_in_aligned_columns(capsys):
     for fn, cls in ((tr.main, tr.TrainConfig), (sp.main, sp.SampleConfig), (pd.main, pd.PrepareConfig),
                     (cp.main, cp.CompareConfig), (bench.main, bench.BenchConfig)):

@@ -84,6 +84,18 @@ class TrainConfig:
     seed: int = opt(1337, 'one seed for init and data order, so runs differ only in what you change')
     sample_tokens: int = opt(120, 'tokens to sample at the end (0: none)')
 
+    # nanoGPT's settings that have no flag here, for its users and config files: what happens here instead
+    nanogpt = dict(
+        log_interval='the progress bar shows the loss every 10 steps, and each evaluation prints a line',
+        wandb_log='each evaluation goes to out_dir/log.jsonl, which plot.py draws',
+        wandb_project='the log is out_dir/log.jsonl', wandb_run_name='the log is out_dir/log.jsonl',
+        backend="torchrun's processes use nccl on CUDA, gloo on the CPU",
+        lr_decay_iters='the cosine decays over --max_iters',
+        decay_lr='the learning rate warms up, then decays by a cosine (to keep it flat, set --min_lr to it)',
+        eval_only='sample.py answers held-out needle questions from a checkpoint; training evaluates each '
+                  '--eval_interval')
+    nanogpt_as_here = dict(decay_lr=True, eval_only=False)  # another value would ask for another run: an error
+
     def __post_init__(self):
         self.dtype = DTYPES.get(self.dtype, self.dtype)
         check_values(self, positive=('batch_size', 'gradient_accumulation_steps', 'block_size', 'n_layer', 'n_head',
