@@ -327,6 +327,35 @@ class CtrlC:
 # -----------------------------------------------------------------------------
 # training
 
+def optimizer_step(model, optimizer, scaler, batches, ctx, lr, grad_clip):
+    """Forward and backward over the micro-batches, clip, step: one update, from the mean gradient.
+    Returns the last micro-batch's loss, a tensor: reading it waits for the GPU."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step; the last one's outputs are done with
+    for micro, (x, y) in enumerate(batches):
+        if isinstance(model, DDP):  # sync gradients on the last micro-step only
+            model.require_backward_grad_sync = micro == len(batches) - 1
+        with ctx:
+            _, loss = model(x, y)
+            loss = loss / len(batches)
+        scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss * len(batches)
+
+
+def save_run(path, raw_model, optimizer, cfg, data, iter_num, best_val_loss):
+    """Everything a resumed run needs, and what sample.py reads (CHECKPOINT_KEYS)."""
+    save_checkpoint(path, dict(model=clean_state_dict(raw_model.state_dict()), optimizer=optimizer.state_dict(),
+                               model_args=dataclasses.asdict(raw_model.config), iter_num=iter_num,
+                               best_val_loss=best_val_loss, config=dataclasses.asdict(cfg), meta=data.meta))
+
+
 def train(cfg, quiet=False):
     """Train as cfg says; returns the list of evaluations (also appended to out_dir/log.jsonl)."""
     rank, world, device = start_processes(cfg)
@@ -367,12 +396,6 @@ def train(cfg, quiet=False):
         print(f'{raw_model.config.attention}: {raw_model.get_num_params():,} parameters, {device} {dtype}, '
               f'{tokens_per_iter:,} tokens per step, {how}')
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, dict(model=clean_state_dict(raw_model.state_dict()),
-                                        optimizer=optimizer.state_dict(),
-                                        model_args=dataclasses.asdict(raw_model.config), iter_num=iter_num,
-                                        best_val_loss=best_val_loss, config=dataclasses.asdict(cfg), meta=data.meta))
-
     ctrl_c = CtrlC(ddp, device)
     history, log_path = [], os.path.join(cfg.out_dir, 'log.jsonl')
     if master:
@@ -382,8 +405,8 @@ def train(cfg, quiet=False):
     t0, eval_time, tokens_seen, saved = time.time(), 0.0, 0, None
     while True:
         last = iter_num >= cfg.max_iters
-        resumed_here = ckpt and iter_num == ckpt['iter_num'] and not last  # the step a resumed run starts from
-        if master and (iter_num % cfg.eval_interval == 0 or last) and not resumed_here:
+        resumed_here = ckpt and iter_num == ckpt['iter_num']  # a resumed run's first step: not evaluated again
+        if master and (iter_num % cfg.eval_interval == 0 and not resumed_here or last):
             t_eval = time.time()
             ev = evaluate(raw_model, data, cfg, device, ctx)
             eval_time += time.time() - t_eval
@@ -395,35 +418,20 @@ def train(cfg, quiet=False):
             if ev['val_loss'] < best_val_loss or cfg.always_save_checkpoint:
                 best_val_loss = min(best_val_loss, ev['val_loss'])
                 if iter_num > 0:
-                    checkpoint()
+                    save_run(ckpt_path, raw_model, optimizer, cfg, data, iter_num, best_val_loss)
                     saved = iter_num
         if last or ctrl_c.stopping():
             break
 
-        # one optimizer step: forward/backward over the micro-steps, clip, step
-        for group in optimizer.param_groups:
-            group['lr'] = lr_at(iter_num, cfg)
-        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step; the last one's outputs are done with
-        for micro in range(micro_steps):
-            if ddp:  # sync gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == micro_steps - 1
-            x, y = data.batch('train', iter_num * cfg.gradient_accumulation_steps + rank * micro_steps + micro, device)
-            with ctx:
-                _, loss = model(x, y)
-                loss = loss / micro_steps
-            scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        first = iter_num * cfg.gradient_accumulation_steps + rank * micro_steps  # this process's first micro-batch
+        batches = [data.batch('train', first + micro, device) for micro in range(micro_steps)]
+        loss = optimizer_step(model, optimizer, scaler, batches, ctx, lr_at(iter_num, cfg), cfg.grad_clip)
         iter_num += 1
         tokens_seen += tokens_per_iter
         if master and (iter_num % 10 == 0 or iter_num == 1):
             rate = tokens_seen / (time.time() - t0 - eval_time)  # training's rate, evaluations left out
             mfu = estimate_mfu(raw_model, rate / world, device, dtype)
-            bar.set_postfix(loss=f'{loss.item() * micro_steps:.4f}', tok_s=f'{rate:,.0f}',
+            bar.set_postfix(loss=f'{loss.item():.4f}', tok_s=f'{rate:,.0f}',
                             mfu='n/a' if mfu is None else f'{mfu:.1%}', refresh=False)
         bar.update(1)
     bar.close()
@@ -434,7 +442,7 @@ def train(cfg, quiet=False):
         print(f'interrupted at step {iter_num}: {ckpt_path} keeps step {ckpt["iter_num"] if saved is None else saved}, '
               f'the best val loss so far ({best_val_loss:.4f}); continue from there with {resume}')
     elif master and ctrl_c.pressed:  # a finished run was saved by its last evaluation
-        checkpoint()
+        save_run(ckpt_path, raw_model, optimizer, cfg, data, iter_num, best_val_loss)
         print(f'interrupted: saved step {iter_num} to {ckpt_path}; continue it with {resume}')
     elif master and not quiet and saved not in (None, iter_num):  # --always_save_checkpoint=False
         print(f'{ckpt_path} holds step {saved}, whose val loss {best_val_loss:.4f} no later step beat')
