@@ -866,12 +866,19 @@ def test_the_fused_kernel_and_the_sdpa_form_give_the_same_model(device):
         assert error['triton'] < 1.25 * error['sdpa'], error
 
 
-SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tinyshakespeare.txt')
+def shakespeare_text():
+    """The tiny Shakespeare text: $TINYSHAKESPEARE, else where prepare_data.py --dataset=shakespeare_char
+    downloads it, else the README's offline copy, input.txt; None if none of them is there."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [os.environ.get('TINYSHAKESPEARE', ''), os.path.join(here, 'data', 'shakespeare_char', 'input.txt'),
+             os.path.join(here, 'input.txt')]
+    return next((p for p in paths if p and os.path.isfile(p)), None)
 
 
-@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason=f'no tiny Shakespeare at {SHAKESPEARE}')
+@pytest.mark.skipif(shakespeare_text() is None, reason='no tiny Shakespeare text: python prepare_data.py '
+                    '--dataset=shakespeare_char downloads it, or TINYSHAKESPEARE=path names a copy')
 def test_training_on_real_text_stays_finite_while_heads_forget_beyond_one_call(device):
-    text = open(SHAKESPEARE).read()
+    text = open(shakespeare_text()).read()
     chars = sorted(set(text))
     data = torch.tensor([chars.index(c) for c in text[:200_000]])
     l, steps = (1024, 30) if device.type == 'cuda' else (128, 20)
