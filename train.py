@@ -431,8 +431,8 @@ def train(cfg, quiet=False):
         if master and (iter_num % 10 == 0 or iter_num == 1):
             rate = tokens_seen / (time.time() - t0 - eval_time)  # training's rate, evaluations left out
             mfu = estimate_mfu(raw_model, rate / world, device, dtype)
-            bar.set_postfix(loss=f'{loss.item():.4f}', tok_s=f'{rate:,.0f}',
-                            mfu='n/a' if mfu is None else f'{mfu:.1%}', refresh=False)
+            known = {} if mfu is None else dict(mfu=f'{mfu:.1%}')  # None: no peak FLOP/s known for this device
+            bar.set_postfix(loss=f'{loss.item():.4f}', tok_s=f'{rate:,.0f}', **known, refresh=False)
         bar.update(1)
     bar.close()
     ctrl_c.restore()
