@@ -234,7 +234,7 @@ def evaluate(model, data, cfg, device, ctx, graphs=None):
 
 def percent(x):
     """0.5% as '0.5%', not '0%' (one of 200 held-out needles), but 1.0 as '100%'."""
-    return f'{x:.0%}' if round(x * 100, 1) == round(x * 100) else f'{x:.1%}'
+    return f'{x:.0%}' if abs(x * 100 - round(x * 100)) < 1e-9 else f'{x:.1%}'
 
 
 def report(ev, bar):
