@@ -351,6 +351,9 @@ def test_without_always_save_the_checkpoint_keeps_the_best_val_step_and_says_so(
     assert (tr.load_checkpoint('out/ckpt.pt')['iter_num'], iters) == (10, [])
     # the first run's steps 20 and 30 left the log: the resumed run redid them from step 10
     assert [json.loads(line)['iter'] for line in open('out/log.jsonl')] == [0, 10, 20, 30, 40]
+    open('out/log.jsonl', 'a').write('{"iter": 5')  # a line a killed run cut short
+    tr.trim_log('out/log.jsonl', 30)
+    assert [json.loads(line)['iter'] for line in open('out/log.jsonl')] == [0, 10, 20, 30]
     iters[:] = [0, 10, 20, 30]  # the default: a checkpoint at every evaluation, and no such line
     tr.main(TINY + ['--attention=softmax', '--max_iters=30', '--eval_interval=10', '--out_dir=every'])
     assert tr.load_checkpoint('every/ckpt.pt')['iter_num'] == 30 and 'holds step' not in capsys.readouterr().out

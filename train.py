@@ -284,7 +284,12 @@ def trim_log(log_path, last_iter):
     a checkpoint that kept an earlier best val step leaves later lines behind, which the run redoes."""
     if not os.path.exists(log_path):
         return
-    lines = [line for line in open(log_path) if json.loads(line)['iter'] <= last_iter]
+    def kept(line):
+        try:
+            return json.loads(line)['iter'] <= last_iter
+        except (ValueError, KeyError, TypeError):  # a line cut short by a killed run
+            return False
+    lines = [line for line in open(log_path) if kept(line)]
     with open(log_path, 'w') as f:
         f.writelines(lines)
 
