@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import sys
+import types
 from dataclasses import field
 
 
@@ -45,7 +46,8 @@ def foreign_setting(cls, name, value, where):
     as_here = getattr(cls, 'nanogpt_as_here', {})
     if name in as_here and convert(name, value, type(as_here[name])) != as_here[name]:
         sys.exit(f"error: {where} is nanoGPT's, with no counterpart here: {cls.nanogpt[name]}")
-    print(f"note: {where} is nanoGPT's, ignored here: {cls.nanogpt[name]}")
+    if os.environ.get('RANK', '0') == '0':  # once, not once per torchrun process
+        print(f"note: {where} is nanoGPT's, ignored here: {cls.nanogpt[name]}")
     return True
 
 
@@ -68,7 +70,7 @@ def read_pairs(arg, fields):
         scope = {}
         with open(arg) as fh:
             exec(fh.read(), scope)
-        return [(k, v) for k, v in scope.items() if not k.startswith('_')]
+        return [(k, v) for k, v in scope.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)]
     if '=' not in arg:  # a bare --flag: True for a boolean
         name = arg[2:]
         if name in fields and type(fields[name].default) is not bool:

@@ -233,8 +233,14 @@ def evaluate(model, data, cfg, device, ctx, graphs=None):
 
 
 def percent(x):
-    """0.5% as '0.5%', not '0%' (one of 200 held-out needles), but 1.0 as '100%'."""
-    return f'{x:.0%}' if abs(x * 100 - round(x * 100)) < 1e-9 else f'{x:.1%}'
+    """x as a percent: whole where it is one (1.0 as '100%'), else with the digits it takes not to look whole
+    or 0 (one needle of 200 as '0.5%', not '0%'; 1999 of 2000 as '99.95%', not '100%')."""
+    if abs(x * 100 - round(x * 100)) < 1e-9:
+        return f'{x:.0%}'
+    digits = 1
+    while digits < 6 and float(f'{x * 100:.{digits}f}') in (0, 100):
+        digits += 1
+    return f'{x:.{digits}%}'
 
 
 def report(ev, bar):

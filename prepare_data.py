@@ -58,7 +58,7 @@ def char_meta(chars):
 
 def get_tokenizer(meta):
     """Returns (encode, decode) for a meta dict: encode(str) -> list[int], decode(list[int]) -> str."""
-    if meta['tokenizer'] == 'char':
+    if meta.get('tokenizer') == 'char':
         stoi, itos = meta['stoi'], meta['itos']
         def encode(s):
             try:
@@ -69,7 +69,7 @@ def get_tokenizer(meta):
         def decode(ids):
             return ''.join(itos[i] for i in ids)
         return encode, decode
-    if meta['tokenizer'] == 'gpt2':
+    if meta.get('tokenizer') == 'gpt2':
         try:
             enc = tiktoken.get_encoding('gpt2')
         except Exception as e: # tiktoken fetches its BPE files with requests; offline that fails deep inside
@@ -78,7 +78,7 @@ def get_tokenizer(meta):
                 "TIKTOKEN_CACHE_DIR that already holds them. The character tokenizer (--tokenizer=char) "
                 f"works offline. ({type(e).__name__}: {e})") from None
         return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), enc.decode
-    raise DataError(f"unknown tokenizer {meta['tokenizer']!r}, expected 'char' or 'gpt2'")
+    raise DataError(f"unknown tokenizer {meta.get('tokenizer')!r} in meta.pkl, expected 'char' or 'gpt2'")
 
 def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.pkl')

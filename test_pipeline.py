@@ -351,7 +351,8 @@ def test_without_always_save_the_checkpoint_keeps_the_best_val_step_and_says_so(
     assert (tr.load_checkpoint('out/ckpt.pt')['iter_num'], iters) == (10, [])
     # the first run's steps 20 and 30 left the log: the resumed run redid them from step 10
     assert [json.loads(line)['iter'] for line in open('out/log.jsonl')] == [0, 10, 20, 30, 40]
-    open('out/log.jsonl', 'a').write('{"iter": 5')  # a line a killed run cut short
+    with open('out/log.jsonl', 'a') as f:
+        f.write('{"iter": 5')  # a line a killed run cut short
     tr.trim_log('out/log.jsonl', 30)
     assert [json.loads(line)['iter'] for line in open('out/log.jsonl')] == [0, 10, 20, 30]
     iters[:] = [0, 10, 20, 30]  # the default: a checkpoint at every evaluation, and no such line
@@ -374,8 +375,8 @@ def test_ctrl_c_without_always_save_keeps_the_best_val_checkpoint(workdir, monke
     assert e.value.code == 130 and iters == []
     ckpt = tr.load_checkpoint('out/ckpt.pt')
     assert (ckpt['iter_num'], ckpt['best_val_loss']) == (10, 2.0)  # not step 20's worse weights
-    assert ('interrupted at step 20: out/ckpt.pt keeps step 10, the best val loss so far (2.0000); '
-            'continue from there with train.py --init_from=resume') in capsys.readouterr().out
+    assert ('interrupted at step 20: out/ckpt.pt keeps step 10 (--always_save_checkpoint=False saves only a better '
+            'val loss); continue from there with train.py --init_from=resume') in capsys.readouterr().out
     iters, stop_at = [0], 0  # interrupted before any checkpoint: there is none to keep, so it saves
     with pytest.raises(SystemExit):
         tr.main(flags + ['--out_dir=early'])
@@ -592,9 +593,10 @@ def test_an_evaluation_warns_where_the_importance_nears_fp16s_range_in_the_fused
 
 def test_the_training_line_shows_one_needle_right_in_two_hundred_and_whole_percents_plainly():
     lines = []
-    ev = dict(iter=250, train_loss=0.2, val_loss=0.2, needle_acc=1 / 200, recall_acc={'64': 1.0, '256': 0.995})
+    ev = dict(iter=250, train_loss=0.2, val_loss=0.2, needle_acc=1 / 200,
+              recall_acc={'64': 1.0, '256': 0.995, '1024': 1999 / 2000, '2048': 1 / 5000})
     ds.report(ev, types.SimpleNamespace(write=lines.append))
-    assert 'needle 0.5%' in lines[0] and 'recall 100%/99.5% at 64/256' in lines[0]
+    assert 'needle 0.5%' in lines[0] and 'recall 100%/99.5%/99.95%/0.02% at 64/256/1024/2048' in lines[0]
 
 
 def test_compile_mode_auto_takes_cuda_graphs_only_where_they_are_known_to_work(monkeypatch):
@@ -782,17 +784,18 @@ def test_a_config_file_may_say_compile_false_as_nanogpts_do(tmp_path):
 
 
 NANOGPT_STYLE = '''# a config file as nanoGPT's users write them, with settings this project has no flag for
+import time
 n_layer, n_head, n_embd, block_size, dropout = 6, 6, 384, 256, 0.2
 max_iters = 5000
 log_interval = 10
 wandb_log = False
 wandb_project = 'tiny'
-wandb_run_name = 'first'
+wandb_run_name = 'run-' + str(int(time.time()))
 lr_decay_iters = 5000
 '''
 
 
-def test_a_nanogpt_config_file_runs_and_its_settings_without_a_counterpart_say_so(tmp_path, capsys):
+def test_a_nanogpt_config_file_is_read_and_its_settings_without_a_counterpart_say_so(tmp_path, capsys):
     path = tmp_path / 'train_tiny.py'
     path.write_text(NANOGPT_STYLE)
     cfg = parse_flags(tr.TrainConfig, [str(path), '--decay_lr=True'], '')

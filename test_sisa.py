@@ -867,12 +867,14 @@ def test_the_fused_kernel_and_the_sdpa_form_give_the_same_model(device):
 
 
 def shakespeare_text():
-    """The tiny Shakespeare text: $TINYSHAKESPEARE, else where prepare_data.py --dataset=shakespeare_char
-    downloads it, else the README's offline copy, input.txt; None if none of them is there."""
+    """The tiny Shakespeare text: $TINYSHAKESPEARE (which must be there: a wrong path fails the test, not
+    skips it), else where prepare_data.py --dataset=shakespeare_char downloads it, else the README's offline
+    copy, input.txt; None if none of them is there."""
+    if os.environ.get('TINYSHAKESPEARE'):
+        return os.environ['TINYSHAKESPEARE']
     here = os.path.dirname(os.path.abspath(__file__))
-    paths = [os.environ.get('TINYSHAKESPEARE', ''), os.path.join(here, 'data', 'shakespeare_char', 'input.txt'),
-             os.path.join(here, 'input.txt')]
-    return next((p for p in paths if p and os.path.isfile(p)), None)
+    paths = [os.path.join(here, 'data', 'shakespeare_char', 'input.txt'), os.path.join(here, 'input.txt')]
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 @pytest.mark.skipif(shakespeare_text() is None, reason='no tiny Shakespeare text: python prepare_data.py '

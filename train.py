@@ -91,7 +91,8 @@ class TrainConfig:
         wandb_project='the log is out_dir/log.jsonl', wandb_run_name='the log is out_dir/log.jsonl',
         backend="torchrun's processes use nccl on CUDA, gloo on the CPU",
         lr_decay_iters='the cosine decays over --max_iters',
-        decay_lr='the learning rate warms up, then decays by a cosine (to keep it flat, set --min_lr to it)',
+        decay_lr='the learning rate warms up, then decays by a cosine (for a flat one: --min_lr equal to '
+                 '--learning_rate, --warmup_iters=0)',
         eval_only='sample.py answers held-out needle questions from a checkpoint; training evaluates each '
                   '--eval_interval')
     nanogpt_as_here = dict(decay_lr=True, eval_only=False)  # another value would ask for another run: an error
@@ -306,7 +307,8 @@ def check_out_dir(out_dir, rank):
 
 
 class CtrlC:
-    """Ctrl-C: finish the step in flight, save, exit (never mid-update, never a half-written file).
+    """Ctrl-C: finish the step in flight, save (unless the checkpoint is kept for the best val loss), exit:
+    never mid-update, never a half-written file.
     Under torchrun every process gets the signal, or one does: they agree each step (all_reduce)."""
 
     def __init__(self, ddp, device):
@@ -412,9 +414,10 @@ def train(cfg, quiet=False):
         last = iter_num >= cfg.max_iters
         resumed_here = ckpt and iter_num == ckpt['iter_num']  # a resumed run's first step: not evaluated again
         if master and (iter_num % cfg.eval_interval == 0 and not resumed_here or last):
+            if device.type == 'cuda':
+                torch.cuda.synchronize()  # the steps in flight are training's time, not the evaluation's
             t_eval = time.time()
             ev = evaluate(raw_model, data, cfg, device, ctx)
-            eval_time += time.time() - t_eval
             history.append(dict(iter=iter_num, lr=lr_at(iter_num, cfg), **ev, time=round(time.time() - t0, 1)))
             with open(log_path, 'a') as f:
                 f.write(json.dumps(history[-1]) + '\n')
@@ -425,6 +428,7 @@ def train(cfg, quiet=False):
                 if iter_num > 0:
                     save_run(ckpt_path, raw_model, optimizer, cfg, data, iter_num, best_val_loss)
                     saved = iter_num
+            eval_time += time.time() - t_eval  # the saving too
         if last or ctrl_c.stopping():
             break
 
@@ -444,9 +448,9 @@ def train(cfg, quiet=False):
     resume = f'train.py --init_from=resume{out_dir_flag(cfg.out_dir)}'
     best_kept = not cfg.always_save_checkpoint and (saved is not None or ckpt is not None)
     if master and ctrl_c.pressed and best_kept:  # the checkpoint keeps the best val's weights, as asked
-        print(f'interrupted at step {iter_num}: {ckpt_path} keeps step {ckpt["iter_num"] if saved is None else saved}, '
-              f'the best val loss so far ({best_val_loss:.4f}); continue from there with {resume}')
-    elif master and ctrl_c.pressed:  # a finished run was saved by its last evaluation
+        print(f'interrupted at step {iter_num}: {ckpt_path} keeps step {ckpt["iter_num"] if saved is None else saved} '
+              f'(--always_save_checkpoint=False saves only a better val loss); continue from there with {resume}')
+    elif master and ctrl_c.pressed:  # (a run that finished was saved by its last evaluation)
         save_run(ckpt_path, raw_model, optimizer, cfg, data, iter_num, best_val_loss)
         print(f'interrupted: saved step {iter_num} to {ckpt_path}; continue it with {resume}')
     elif master and not quiet and saved not in (None, iter_num):  # --always_save_checkpoint=False
