@@ -12,6 +12,7 @@ import math
 import os
 import random
 import string
+import sys
 
 import numpy as np
 import torch
@@ -262,6 +263,7 @@ def report(ev, bar):
         msg += (f"; warning: importance operands up to {ev['operand_warning']:,.0f}, near fp16's 65504, the most "
                 "the fused kernel's score dots hold (--kernel=sdpa has no such limit)")
     bar.write(msg)
+    sys.stdout.flush()  # into a file too, as it happens
 
 
 def print_sample(model, data, device, ctx, n):

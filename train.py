@@ -86,7 +86,7 @@ class TrainConfig:
 
     # nanoGPT's settings that have no flag here, for its users and config files: what happens here instead
     nanogpt = dict(
-        log_interval='the progress bar shows the loss every 10 steps, and each evaluation prints a line',
+        log_interval='a progress bar shows the loss (into a file, a line every 30 s); each evaluation prints a line',
         wandb_log='each evaluation goes to out_dir/log.jsonl, which plot.py draws',
         wandb_project='the log is out_dir/log.jsonl', wandb_run_name='the log is out_dir/log.jsonl',
         backend="torchrun's processes use nccl on CUDA, gloo on the CPU",
@@ -407,9 +407,11 @@ def train(cfg, quiet=False):
     history, log_path = [], os.path.join(cfg.out_dir, 'log.jsonl')
     if master:
         trim_log(log_path, ckpt['iter_num'] if ckpt else -1)
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or quiet, dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not redraws
-    t0, eval_time, tokens_seen, saved = time.time(), 0.0, 0, None
+    # a bar on a terminal; into a file (a log, nohup, a cluster's job) a plain line every 30 s instead of
+    # redraws by carriage return, which pile up on one line there
+    lines = master and not quiet and not sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or quiet or lines, dynamic_ncols=True)
+    t0, eval_time, tokens_seen, saved, first_iter, said = time.time(), 0.0, 0, None, iter_num, 0.0
     while True:
         last = iter_num >= cfg.max_iters
         resumed_here = ckpt and iter_num == ckpt['iter_num']  # a resumed run's first step: not evaluated again
@@ -437,11 +439,16 @@ def train(cfg, quiet=False):
         loss = optimizer_step(model, optimizer, scaler, batches, ctx, lr_at(iter_num, cfg), cfg.grad_clip)
         iter_num += 1
         tokens_seen += tokens_per_iter
-        if master and (iter_num % 10 == 0 or iter_num == 1):
+        if master and (iter_num % 10 == 0 or iter_num == first_iter + 1):
             rate = tokens_seen / (time.time() - t0 - eval_time)  # training's rate, evaluations left out
             mfu = estimate_mfu(raw_model, rate / world, device, dtype)
             known = {} if mfu is None else dict(mfu=f'{mfu:.1%}')  # None: no peak FLOP/s known for this device
             bar.set_postfix(loss=f'{loss.item():.4f}', tok_s=f'{rate:,.0f}', **known, refresh=False)
+        if lines and (iter_num in (first_iter + 1, cfg.max_iters) or time.time() - said > 30):
+            said, spent = time.time(), time.time() - t0
+            left = (spent - eval_time) / (iter_num - first_iter) * (cfg.max_iters - iter_num)  # evaluations aside
+            print(f'step {iter_num}/{cfg.max_iters}: loss {loss.item():.4f}, {rate:,.0f} tok/s, '
+                  f'{tqdm.format_interval(spent)} elapsed, {tqdm.format_interval(left)} of steps left', flush=True)
         bar.update(1)
     bar.close()
     ctrl_c.restore()
